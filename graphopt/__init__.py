@@ -1,0 +1,66 @@
+"""graphopt: a verified graph optimizer for neural networks.
+
+    compiled = graphopt.compile(model, (x,))     # capture, optimize, verify every pass
+    compiled(x)                                   # behaves like model(x)
+    graphopt.save(compiled, "m.graphopt"); graphopt.load("m.graphopt")
+"""
+
+from graphopt.api import compile
+from graphopt.capture import StaticShapeWarning, capture
+from graphopt.compiled import CompiledModule, load, save
+from graphopt.errors import (
+    CaptureError,
+    EquivalenceError,
+    GraphoptError,
+    InputMismatchError,
+    PipelineError,
+    SerializationError,
+)
+from graphopt.ir import format_graph, propagate_meta
+from graphopt.pass_manager import EquivalenceWarning, PassContext, PassManager, Report
+from graphopt.passes_base import (
+    OPT_LEVELS,
+    Contract,
+    FixedPoint,
+    Pass,
+    PassResult,
+    parse_pipeline,
+    register_group,
+    register_pass,
+    registered_passes,
+)
+from graphopt.rewriter import Rewriter, apply_rules
+
+__all__ = [
+    "CaptureError",
+    "CompiledModule",
+    "Contract",
+    "EquivalenceError",
+    "EquivalenceWarning",
+    "FixedPoint",
+    "GraphoptError",
+    "InputMismatchError",
+    "OPT_LEVELS",
+    "Pass",
+    "PassContext",
+    "PassManager",
+    "PassResult",
+    "PipelineError",
+    "Report",
+    "Rewriter",
+    "SerializationError",
+    "StaticShapeWarning",
+    "apply_rules",
+    "capture",
+    "compile",
+    "format_graph",
+    "load",
+    "parse_pipeline",
+    "propagate_meta",
+    "register_group",
+    "register_pass",
+    "registered_passes",
+    "save",
+]
+
+__version__ = "0.1.0"

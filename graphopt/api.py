@@ -1,0 +1,72 @@
+"""``graphopt.compile``: capture, run the verified pipeline, return a callable module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from graphopt.capture import as_args, capture
+from graphopt.compiled import CompiledModule, InputSignature
+from graphopt.errors import GraphoptError
+from graphopt.pass_manager import Event, PassManager
+from graphopt.passes_base import PipelineItem
+
+TARGETS = ("auto", "cpu", "cuda")
+
+
+def resolve_target(target: str, model: torch.nn.Module, args: tuple[Any, ...]) -> str:
+    if target not in TARGETS:
+        raise GraphoptError(f"target={target!r} is not one of {', '.join(TARGETS)}")
+    tensors = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+    tensors += list(model.parameters())[:1]
+    on_cuda = any(t.is_cuda for t in tensors)
+    if target == "auto":
+        return "cuda" if on_cuda else "cpu"
+    if target == "cuda" and not torch.cuda.is_available():
+        raise GraphoptError("target='cuda' but no CUDA device is available; use target='cpu'")
+    return target
+
+
+def compile(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    pipeline: str | Sequence[PipelineItem | str] = "-O1",
+    target: str = "auto",
+    verify: bool = True,
+    on_fail: str = "rollback",
+    max_rewrites: int | None = None,
+    dynamic_batch: bool = True,
+    on_event: Event | None = None,
+) -> CompiledModule:
+    """Optimize ``model`` for inference and return a module that behaves like it.
+
+    The model is captured in eval mode and never mutated. After every pass the graph is run on
+    ``example_inputs`` and judged against a float64 run of the captured graph; a pass that breaks
+    its contract is rolled back with a warning (``on_fail="rollback"``) or raises
+    ``EquivalenceError`` (``on_fail="raise"``). ``.report`` on the result has the per-pass table.
+    """
+    args = as_args(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    resolved = resolve_target(target, model, args)
+    manager = PassManager(
+        pipeline,
+        verify=verify,
+        on_fail=on_fail,
+        max_rewrites=max_rewrites,
+        target=resolved,
+        on_event=on_event,
+    )
+    gm = capture(model, args, kwargs, dynamic_batch=dynamic_batch)
+    info = gm.meta["graphopt_capture"]
+    flat_inputs = pytree.tree_leaves((args, kwargs))
+    optimized, report = manager.run(gm, flat_inputs)
+    report.capture = info
+    optimized.meta["graphopt_capture"] = info
+    spec = ",".join(item.spec() for item in manager.items)
+    signature = InputSignature.of(args, kwargs, info["dynamic_batch"])
+    return CompiledModule(optimized, signature, report=report, pipeline=spec, target=resolved)

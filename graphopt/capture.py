@@ -1,0 +1,203 @@
+"""Capture a ``torch.nn.Module`` as the graphopt IR (see DESIGN.md, "The IR").
+
+``torch.export.export(model, args, strict=False)`` unlifted with ``.module()``: parameters and
+buffers are ``get_attr`` nodes, every value node has ``meta["val"]``, and the batch dimension
+(dim 0 of every tensor input) is dynamic unless the model cannot be exported that way, in which
+case capture falls back to static shapes and records why in ``gm.meta["graphopt_capture"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.export import Dim
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from graphopt.errors import CaptureError
+
+aten = torch.ops.aten
+
+# Trace-time checks that export leaves in the graph; graphopt checks inputs itself at call time
+# (graphopt.compiled.InputSignature), so they are dropped at capture.
+_TRACE_CHECKS = (aten._assert_tensor_metadata.default,)
+
+
+class StaticShapeWarning(UserWarning):
+    """The batch dimension could not be made dynamic; the model is captured with static shapes."""
+
+
+def as_args(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise CaptureError(
+            f"example_inputs must be a tensor or a tuple of the model's positional arguments, "
+            f"got {type(example_inputs).__name__}; pass e.g. (torch.randn(8, 3, 224, 224),)"
+        )
+    return example_inputs
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the capture, then restore every submodule's flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    dynamic_batch: bool = True,
+) -> GraphModule:
+    """Capture ``model`` (in eval mode) as an FX GraphModule of ATen ops."""
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(
+            f"graphopt captures torch.nn.Module objects, got {type(model).__name__}; "
+            "wrap a function in an nn.Module, or load an ONNX file with graphopt.load_onnx"
+        )
+    args = as_args(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    name = type(model).__name__
+    with eval_mode(model), torch.no_grad():
+        try:
+            eager_out = model(*args, **kwargs)
+        except Exception as exc:  # the user's model fails before graphopt did anything
+            raise CaptureError(
+                f"{name}(*example_inputs) fails when run eagerly: {type(exc).__name__}: "
+                f"{_first_line(exc)}{_user_frame(exc)}. Check that example_inputs match the "
+                "model's forward() signature, shapes and dtypes"
+            ) from exc
+        _register_output_dataclasses(eager_out)
+        info: dict[str, Any] = {"dynamic_batch": False, "static_reason": None, "torch": torch.__version__}
+        if dynamic_batch:
+            try:
+                ep = _export(model, args, kwargs, _batch_dims(model, args, kwargs))
+                info["dynamic_batch"] = True
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {_first_line(exc)}"
+                info["static_reason"] = reason
+                warnings.warn(
+                    f"{name}: the batch dimension cannot be dynamic ({reason}); captured with "
+                    "static shapes, so the compiled model accepts only the example's shapes",
+                    StaticShapeWarning,
+                    stacklevel=2,
+                )
+                ep = None
+        else:
+            info["static_reason"] = "dynamic_batch=False"
+            ep = None
+        if ep is None:
+            try:
+                ep = _export(model, args, kwargs, None)
+            except Exception as exc:
+                raise CaptureError(
+                    f"torch.export could not capture {name}: {type(exc).__name__}: "
+                    f"{_first_line(exc)}{_user_frame(exc)}. Make that code traceable "
+                    "(no Python control flow on tensor values, no unsupported ops), or "
+                    "capture a submodule that is"
+                ) from None
+    gm = ep.module()
+    normalize(gm)
+    info["dynamic_batch"] = info["dynamic_batch"] and _has_symbolic_batch(gm)
+    gm.meta["graphopt_capture"] = info
+    return gm
+
+
+def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any) -> Any:
+    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+
+
+def _batch_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def spec(x: Any) -> Any:
+        return {0: Dim.DYNAMIC} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
+
+    if not kwargs:
+        return tuple(pytree.tree_map(spec, a) for a in args)
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {k: pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
+
+
+def _has_symbolic_batch(gm: GraphModule) -> bool:
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() >= 1:
+            if not isinstance(val.shape[0], int):
+                return True
+    return False
+
+
+def normalize(gm: GraphModule) -> None:
+    """Drop export's trace-time guard calls, which graphopt replaces by its own input checks."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _TRACE_CHECKS:
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _register_output_dataclasses(out: Any) -> None:
+    """Let export carry dataclass outputs (HF-style ``ModelOutput`` are registered already)."""
+    leaves = [out]
+    while leaves:
+        x = leaves.pop()
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            cls = type(x)
+            if cls not in pytree.SUPPORTED_NODES:
+                torch.export.register_dataclass(cls)
+            leaves += [getattr(x, f.name) for f in dataclasses.fields(x)]
+        elif isinstance(x, (list, tuple)):
+            leaves += list(x)
+        elif isinstance(x, dict):
+            leaves += list(x.values())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:300]
+    return type(exc).__name__
+
+
+_LIB_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _user_frame(exc: BaseException) -> str:
+    """' at file:line in func: `code`' for the innermost frame of the user's own code."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if not f.filename.startswith(_LIB_DIRS) and "site-packages" not in f.filename and "<" not in f.filename]
+    if not user:
+        return _source_from_message(exc)
+    f = user[-1]
+    return f" (at {f.filename}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`)"
+
+
+def _source_from_message(exc: BaseException) -> str:
+    """torch.export reports the user's source line inside its message; surface it."""
+    for line in str(exc).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("File ") and ", line " in stripped and "site-packages" not in stripped:
+            return f" ({stripped})"
+    return ""

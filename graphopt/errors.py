@@ -1,0 +1,59 @@
+"""Every user-facing failure of graphopt is a ``GraphoptError``.
+
+Each message says what went wrong, where (op, node, file) and what to do about it. The exception
+is raised ``from None`` wherever a deep library traceback would add nothing to that message; the
+original exception stays available as ``__cause__``/``detail`` for debugging.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GraphoptError(Exception):
+    """Base class of every error graphopt raises on purpose."""
+
+
+class CaptureError(GraphoptError):
+    """The model could not be captured as an FX graph of ATen ops."""
+
+
+class PipelineError(GraphoptError):
+    """A pipeline string or pass list is malformed (unknown pass, unknown option, bad order)."""
+
+
+class InputMismatchError(GraphoptError):
+    """A compiled model was called with inputs that do not match the ones it was compiled for."""
+
+
+class SerializationError(GraphoptError):
+    """A saved graphopt model could not be written or read back."""
+
+
+class EquivalenceError(GraphoptError):
+    """A pass broke its numerical contract; carries the evidence.
+
+    Attributes: ``pass_name``, ``node`` (the first diverging node of the rewritten graph),
+    ``op`` (its target), ``origin`` (the original node it stands for), ``kind`` ("local" when the
+    node itself computes a wrong value from correct inputs, "inherited" when its inputs were
+    already wrong), and ``metrics`` (the contract's numbers).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        pass_name: str,
+        node: str | None = None,
+        op: str | None = None,
+        origin: str | None = None,
+        kind: str | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.node = node
+        self.op = op
+        self.origin = origin
+        self.kind = kind
+        self.metrics = dict(metrics or {})

@@ -1,0 +1,193 @@
+"""Helpers over the one IR: a ``torch.fx.GraphModule`` of ATen (and ``graphopt::``) ops.
+
+Invariants every pass may assume and must keep are listed in ``passes/README.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+aten = torch.ops.aten
+
+# Ops that consume randomness: never merged, folded or reordered.
+_RANDOM_TAG = torch.Tag.nondeterministic_seeded
+
+
+def op_nodes(gm: GraphModule) -> Iterator[Node]:
+    """The nodes that compute something (not placeholders, parameters or the output)."""
+    return (n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+
+
+def count_op_nodes(gm: GraphModule) -> int:
+    return sum(1 for _ in op_nodes(gm))
+
+
+def is_random(node: Node) -> bool:
+    tags = getattr(node.target, "tags", ())
+    return _RANDOM_TAG in tags
+
+
+def is_pure(node: Node) -> bool:
+    """True for a call whose only effect is its result: safe to delete, merge or fold."""
+    if node.op != "call_function" or node.is_impure() or is_random(node):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return False
+    return True
+
+
+def tensor_val(node: Any) -> torch.Tensor | None:
+    """The FakeTensor recorded on a node, or None if the node is not a tensor value."""
+    if not isinstance(node, Node):
+        return None
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def fake_mode_of(gm: GraphModule) -> Any:
+    """The FakeTensorMode the graph's metadata lives in (shared shape environment)."""
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    mode = detect_fake_mode(vals)
+    if mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    return mode
+
+
+def propagate_meta(gm: GraphModule) -> None:
+    """Recompute ``meta["val"]`` for every node of ``gm`` from its placeholders' metadata."""
+    mode = fake_mode_of(gm)
+    inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    with torch.fx.experimental.symbolic_shapes._suppress_guards(mode.shape_env) if (
+        mode.shape_env is not None
+    ) else _nullcontext():
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def attr_path(gm: GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def tensors_of(gm: GraphModule) -> Iterable[torch.Tensor]:
+    yield from gm.parameters()
+    yield from gm.buffers()
+    for name, value in vars(gm).items():
+        if isinstance(value, torch.Tensor) and not name.startswith("_"):
+            yield value
+
+
+def snapshot(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm`` whose graph can be edited freely; weight tensors are shared, not copied.
+
+    Passes never mutate tensors in place (they create new ones), so sharing weights is safe and
+    keeps a rollback point cheap.
+    """
+    memo: dict[int, Any] = {id(t): t for t in tensors_of(gm)}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if val is not None:
+            memo[id(val)] = val
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation on copy
+        return copy.deepcopy(gm, memo)
+
+
+def short_target(node: Node) -> str:
+    target = node.target
+    if node.op == "get_attr":
+        return f"get_attr[{target}]"
+    if node.op == "call_module":
+        return f"module[{target}]"
+    if node.op == "call_method":
+        return f"method[{target}]"
+    if isinstance(target, torch._ops.OpOverload):
+        ns = target.namespace
+        return f"{ns}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
+    return getattr(target, "__name__", str(target))
+
+
+_DTYPE_SHORT = {
+    torch.float64: "f64",
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "b8",
+}
+
+
+def format_type(val: Any) -> str:
+    if isinstance(val, torch.Tensor):
+        dims = ",".join(str(d) if isinstance(d, int) else "?" for d in val.shape)
+        return f"{_DTYPE_SHORT.get(val.dtype, str(val.dtype))}[{dims}]"
+    if isinstance(val, torch.SymInt):
+        return "sym"
+    if isinstance(val, (list, tuple)):
+        return "(" + ", ".join(format_type(v) for v in val) + ")"
+    return ""
+
+
+def _format_arg(arg: Any) -> str:
+    if isinstance(arg, Node):
+        return f"%{arg.name}"
+    if isinstance(arg, (list, tuple)):
+        inner = ", ".join(_format_arg(a) for a in arg)
+        return f"[{inner}]"
+    if isinstance(arg, float):
+        return f"{arg:.6g}"
+    return repr(arg) if not isinstance(arg, torch.dtype) else str(arg)
+
+
+def format_graph(gm: GraphModule) -> str:
+    """A stable, line-per-node print of the graph, used by the golden-IR tests and reports."""
+    lines = []
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            lines.append(f"return {_format_arg(node.args[0])}")
+            continue
+        if node.op == "placeholder":
+            lines.append(f"%{node.name} = input : {format_type(node.meta.get('val'))}")
+            continue
+        args = [_format_arg(a) for a in node.args]
+        args += [f"{k}={_format_arg(v)}" for k, v in node.kwargs.items()]
+        typ = format_type(node.meta.get("val"))
+        call = short_target(node) if node.op == "get_attr" else f"{short_target(node)}({', '.join(args)})"
+        lines.append(f"%{node.name} = {call}" + (f" : {typ}" if typ else ""))
+    return "\n".join(lines) + "\n"
+
+
+def original_name(node: Node) -> str | None:
+    """The name of the node of the captured graph whose value ``node`` stands for, if any.
+
+    Nodes created by a pass carry provenance in ``meta["graphopt"]`` (see ``graphopt.rewriter``);
+    ``replaces`` is set only where the new node computes the same value as an original one.
+    """
+    info = node.meta.get("graphopt")
+    if info is None:
+        return node.name
+    return info.get("replaces")

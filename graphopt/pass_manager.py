@@ -1,0 +1,212 @@
+"""The pass manager: runs a pipeline and owns everything cross-cutting.
+
+Written once here, never in a pass: ordering checks, fixed-point groups, timing, statistics
+(nodes before/after, rewrites), the rewrite budget for bisection (``max_rewrites``), IR
+snapshots and rollback, invariant checks and verification against each pass's contract.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.fx import GraphModule
+
+from graphopt.errors import EquivalenceError, GraphoptError
+from graphopt.interpreter import native_run
+from graphopt.ir import count_op_nodes, format_graph, snapshot
+from graphopt.passes_base import FixedPoint, Pass, PipelineItem, parse_pipeline
+from graphopt.rewriter import RewriteBudget, Rewriter
+from graphopt.verify import Verifier
+
+
+class EquivalenceWarning(UserWarning):
+    """A pass broke its contract and was rolled back."""
+
+
+@dataclass
+class PassContext:
+    """What a running pass may know: its name, the target, and its rewriter."""
+
+    target: str = "cpu"
+    budget: RewriteBudget = field(default_factory=RewriteBudget)
+    pass_name: str = ""
+    rewriters: list[Rewriter] = field(default_factory=list)
+
+    def rewriter(self, gm: GraphModule) -> Rewriter:
+        rw = Rewriter(gm, self.pass_name, self.budget)
+        self.rewriters.append(rw)
+        return rw
+
+
+@dataclass
+class PassRecord:
+    """One line of the per-pass report."""
+
+    name: str
+    contract: str
+    time_s: float = 0.0
+    verify_s: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    rewrites: int = 0
+    error: float | None = None  # output error against float64 after the pass
+    status: str = "unchanged"  # unchanged | ok | rolled back | skipped
+    message: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    spent: dict[str, Any] = field(default_factory=dict)  # contract numbers (lossy budget spent)
+
+
+@dataclass
+class Report:
+    records: list[PassRecord] = field(default_factory=list)
+    capture: dict[str, Any] = field(default_factory=dict)
+    baseline_error: float | None = None
+    total_s: float = 0.0
+    snapshots: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_text(self) -> str:
+        head = f"{'pass':<24} {'time':>9} {'nodes':>12} {'rewrites':>8} {'err vs f64':>11}  status"
+        lines = [head, "-" * len(head)]
+        for r in self.records:
+            err = "-" if r.error is None else f"{r.error:.2e}"
+            nodes = f"{r.nodes_before}->{r.nodes_after}"
+            lines.append(
+                f"{r.name:<24} {r.time_s * 1e3:>7.1f}ms {nodes:>12} {r.rewrites:>8} {err:>11}  {r.status}"
+            )
+        return "\n".join(lines)
+
+
+Event = Callable[[str, str, "PassRecord | None"], None]
+
+_STATUS_RANK = {"unchanged": 0, "ok": 1, "skipped": 2, "rolled back": 3}
+
+
+class PassManager:
+    def __init__(
+        self,
+        pipeline: str | Sequence[PipelineItem | str],
+        *,
+        verify: bool = True,
+        on_fail: str = "rollback",
+        max_rewrites: int | None = None,
+        target: str = "cpu",
+        keep_snapshots: bool = False,
+        on_event: Event | None = None,
+    ) -> None:
+        if on_fail not in ("rollback", "raise"):
+            raise GraphoptError(f"on_fail={on_fail!r}: use 'rollback' (the default) or 'raise'")
+        self.items = parse_pipeline(pipeline)
+        self.verify = verify
+        self.on_fail = on_fail
+        self.keep_snapshots = keep_snapshots
+        self.on_event = on_event
+        self.ctx = PassContext(target=target, budget=RewriteBudget(max_rewrites))
+
+    def run(self, gm: GraphModule, flat_inputs: Sequence[Any]) -> tuple[GraphModule, Report]:
+        """Run the pipeline on a copy of ``gm``; return the optimized graph and the report."""
+        start = time.perf_counter()
+        report = Report()
+        self._report = report
+        self._verifier = Verifier(gm, flat_inputs) if self.verify else None
+        self._inputs = list(flat_inputs)
+        gm = snapshot(gm)
+        self._outputs = native_run(gm, self._inputs)[0] if self.verify else []
+        if self._verifier is not None:
+            report.baseline_error = self._verifier.output_error(self._outputs)
+        if self.keep_snapshots:
+            report.snapshots.append(("captured", format_graph(gm)))
+        for item in self.items:
+            if isinstance(item, FixedPoint):
+                gm = self._run_group(gm, item, report)
+            else:
+                record = PassRecord(item.name, str(item.contract_for()))
+                gm, _ = self._run_pass(gm, item, record)
+                report.records.append(record)
+        report.total_s = time.perf_counter() - start
+        return gm, report
+
+    def _run_group(self, gm: GraphModule, group: FixedPoint, report: Report) -> GraphModule:
+        records = {p.name: PassRecord(f"{group.name}:{p.name}", str(p.contract_for())) for p in group.passes}
+        for _ in range(group.max_iters):
+            any_change = False
+            for p in group.passes:
+                gm, changed = self._run_pass(gm, p, records[p.name])
+                any_change |= changed
+            if not any_change:
+                break
+        report.records += records.values()
+        return gm
+
+    def _run_pass(self, gm: GraphModule, p: Pass, record: PassRecord) -> tuple[GraphModule, bool]:
+        """Run one pass on a copy; keep the copy only if it keeps its contract."""
+        if not self.ctx.budget.allows():
+            record.status = "skipped" if record.status == "unchanged" else record.status
+            record.message = "max_rewrites reached"
+            return gm, False
+        if self.on_event:
+            self.on_event("start", record.name, None)
+        nodes_before = count_op_nodes(gm)
+        if record.time_s == 0.0:
+            record.nodes_before = nodes_before
+        self.ctx.pass_name = p.name
+        self.ctx.rewriters = []
+        candidate = snapshot(gm)
+        t0 = time.perf_counter()
+        result = p.run(candidate, self.ctx)
+        for rw in self.ctx.rewriters:
+            rw.finish()
+        record.time_s += time.perf_counter() - t0
+        rewrites = sum(rw.rewrites for rw in self.ctx.rewriters)
+        _check_invariants(candidate, p.name)
+        changed = result.changed
+        for key, value in result.stats.items():
+            record.stats[key] = record.stats.get(key, 0) + value if isinstance(value, (int, float)) else value
+        keep = True
+        if changed and self._verifier is not None:
+            t1 = time.perf_counter()
+            keep = self._check(gm, candidate, p, record)
+            record.verify_s += time.perf_counter() - t1
+        if keep:
+            record.rewrites += rewrites
+            gm = candidate if changed else gm
+            if changed:
+                record.status = max(record.status, "ok", key=_STATUS_RANK.__getitem__)
+                if self.keep_snapshots:
+                    self._report.snapshots.append((record.name, format_graph(gm)))
+        record.nodes_after = count_op_nodes(gm)
+        if self.on_event:
+            self.on_event("end", record.name, record)
+        return gm, changed and keep
+
+    def _check(self, before: GraphModule, after: GraphModule, p: Pass, record: PassRecord) -> bool:
+        assert self._verifier is not None
+        contract = p.contract_for()
+        outputs = native_run(after, self._inputs)[0]
+        verdict = self._verifier.judge(contract, self._outputs, outputs)
+        record.error = verdict.error
+        record.spent = verdict.metrics
+        if verdict.ok:
+            self._outputs = outputs
+            return True
+        error: EquivalenceError = self._verifier.localize(p.name, contract, verdict, before, after)
+        if self.on_fail == "raise":
+            raise error
+        record.status = "rolled back"
+        record.message = str(error)
+        record.error = self._verifier.output_error(self._outputs)
+        warnings.warn(f"rolled back: {error}", EquivalenceWarning, stacklevel=4)
+        return False
+
+
+def _check_invariants(gm: GraphModule, pass_name: str) -> None:
+    """Every value node carries ``meta["val"]`` (passes/README.md, invariant 1)."""
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "call_function") and "val" not in node.meta:
+            raise GraphoptError(
+                f"pass {pass_name!r} left node %{node.name} ({node.op} {node.target}) without "
+                "meta['val']; create nodes through graphopt.rewriter.Rewriter, which sets it"
+            )

@@ -1,0 +1,323 @@
+"""What a pass is, how passes are registered by name, and how a pipeline string is parsed.
+
+A pass is a frozen dataclass with a kebab-case ``name``; its fields are its options, so the same
+text names it in Python, on the command line and in a bug report::
+
+    cleanup,fold-bn{eps=1e-5},fixpoint(cse,dce)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Union
+
+from graphopt.errors import PipelineError
+
+if TYPE_CHECKING:
+    from torch.fx import GraphModule
+
+    from graphopt.pass_manager import PassContext
+
+
+# -- numerical contracts ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a pass promises about the function the graph computes (see docs/contracts.md).
+
+    * ``exact``: outputs bitwise equal to the outputs before the pass.
+    * ``rounding``: error against the float64 reference at most
+      ``max(2 x error before the pass, floor(dtype))``.
+    * ``lossy``: the user's budget on one metric (``cosine`` >= t, ``sqnr`` >= t dB,
+      ``rel_error`` <= t, ``top1`` >= t), judged against the float64 reference.
+    """
+
+    kind: str
+    metric: str | None = None
+    threshold: float | None = None
+
+    @staticmethod
+    def exact() -> Contract:
+        return Contract("exact")
+
+    @staticmethod
+    def rounding() -> Contract:
+        return Contract("rounding")
+
+    @staticmethod
+    def lossy(metric: str, threshold: float) -> Contract:
+        if metric not in LOSSY_METRICS:
+            raise PipelineError(
+                f"unknown lossy metric {metric!r}; use one of {', '.join(sorted(LOSSY_METRICS))}"
+            )
+        return Contract("lossy", metric, float(threshold))
+
+    def __str__(self) -> str:
+        return self.kind if self.kind != "lossy" else f"lossy({self.metric}={self.threshold:g})"
+
+
+# metric -> True when larger is better
+LOSSY_METRICS = {"cosine": True, "sqnr": True, "top1": True, "rel_error": False}
+
+
+# -- passes -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class of every rewrite pass.
+
+    Subclasses are frozen dataclasses that set ``name`` (kebab-case) and ``contract`` and
+    implement ``run(gm, ctx)``. Ordering constraints are class-level: ``runs_before`` names passes
+    that must come later in a pipeline, ``runs_after`` passes that must come earlier.
+    """
+
+    name: ClassVar[str] = ""
+    contract: ClassVar[Contract] = Contract.exact()
+    runs_before: ClassVar[tuple[str, ...]] = ()
+    runs_after: ClassVar[tuple[str, ...]] = ()
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def contract_for(self) -> Contract:
+        """The contract of this configured pass (lossy passes take their budget from options)."""
+        return self.contract
+
+    def spec(self) -> str:
+        """The pipeline text that rebuilds this pass, options included."""
+        opts = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        ]
+        return self.name + (f"{{{','.join(opts)}}}" if opts else "")
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Run ``passes`` in order, again and again, until none changes the graph (or ``max_iters``)."""
+
+    passes: tuple[Pass, ...]
+    max_iters: int = 8
+    name: str = "fixpoint"
+
+    def spec(self) -> str:
+        if self.name != "fixpoint":
+            return self.name
+        return "fixpoint(" + ",".join(p.spec() for p in self.passes) + ")"
+
+
+PipelineItem = Union[Pass, FixedPoint]
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_GROUPS: dict[str, str] = {}
+_KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass usable by name in pipelines. Re-registering replaces."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise PipelineError(f"register_pass expects a subclass of graphopt.Pass, got {cls!r}")
+    if not _KEBAB.match(cls.name or ""):
+        raise PipelineError(
+            f"pass class {cls.__name__} has name {cls.name!r}; a pass name must be kebab-case "
+            "such as 'fold-bn'"
+        )
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise PipelineError(f"pass {cls.name!r} must be a frozen dataclass (@dataclass(frozen=True))")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def register_group(name: str, pipeline: str) -> None:
+    """Name a sub-pipeline (e.g. ``cleanup``) so it can be used like a pass."""
+    _GROUPS[name] = pipeline
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    _load_builtin_passes()
+    return dict(_REGISTRY)
+
+
+def _load_builtin_passes() -> None:
+    import graphopt.passes  # noqa: F401  (registers the built-in passes)
+
+
+# -- default pipelines: the one place they are written down --------------------------------------
+
+OPT_LEVELS: dict[str, str] = {
+    "-O0": "",
+    "-O1": "cleanup,fold-bn,cleanup",
+    # Fusion, Triton lowering and precision passes extend -O2/-O3 as they land (issues 4, 5).
+    "-O2": "cleanup,fold-bn,cleanup",
+    "-O3": "cleanup,fold-bn,cleanup",
+}
+
+
+# -- parsing --------------------------------------------------------------------------------------
+
+
+def parse_pipeline(pipeline: str | Sequence[PipelineItem | str]) -> list[PipelineItem]:
+    """Turn a pipeline string, an -O level, or a list of passes/strings into pass objects."""
+    _load_builtin_passes()
+    if isinstance(pipeline, str):
+        text = OPT_LEVELS.get(pipeline.strip(), pipeline)
+        items = _Parser(text).parse_list(end=None)
+    else:
+        items = []
+        for item in pipeline:
+            if isinstance(item, (Pass, FixedPoint)):
+                items.append(item)
+            elif isinstance(item, str):
+                items += parse_pipeline(item)
+            else:
+                raise PipelineError(
+                    f"pipeline item {item!r} is neither a pass object nor a pipeline string"
+                )
+    check_order(items)
+    return items
+
+
+def flatten(items: Sequence[PipelineItem]) -> list[Pass]:
+    out: list[Pass] = []
+    for item in items:
+        out += list(item.passes) if isinstance(item, FixedPoint) else [item]
+    return out
+
+
+def check_order(items: Sequence[PipelineItem]) -> None:
+    passes = flatten(items)
+    names = [p.name for p in passes]
+    for i, p in enumerate(passes):
+        for later in p.runs_before:
+            if later in names[:i]:
+                raise PipelineError(
+                    f"pass {p.name!r} must run before {later!r}, but the pipeline "
+                    f"'{','.join(names)}' has {later!r} first; move {p.name!r} earlier"
+                )
+        for earlier in p.runs_after:
+            if earlier in names[i + 1 :]:
+                raise PipelineError(
+                    f"pass {p.name!r} must run after {earlier!r}, but the pipeline "
+                    f"'{','.join(names)}' has {earlier!r} later; move {p.name!r} after it"
+                )
+
+
+def _unknown(kind: str, name: str, valid: Sequence[str]) -> PipelineError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return PipelineError(f"unknown {kind} {name!r}.{hint} Valid: {', '.join(sorted(valid))}")
+
+
+def make_pass(name: str, options: dict[str, str]) -> Pass:
+    if name not in _REGISTRY:
+        raise _unknown("pass", name, list(_REGISTRY) + list(_GROUPS) + ["fixpoint"])
+    cls = _REGISTRY[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, raw in options.items():
+        if key not in fields:
+            valid = list(fields) or ["(this pass takes no options)"]
+            raise PipelineError(
+                f"pass {name!r} has no option {key!r}. Valid options: {', '.join(valid)}"
+            )
+        kwargs[key] = _convert(name, key, raw, fields[key])
+    return cls(**kwargs)
+
+
+def _convert(pass_name: str, key: str, raw: str, f: dataclasses.Field[Any]) -> Any:
+    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if "bool" in typ:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        if "int" in typ and "float" not in typ:
+            return int(raw)
+        if "float" in typ:
+            return float(raw)
+    except ValueError:
+        raise PipelineError(
+            f"option {key}={raw!r} of pass {pass_name!r} is not a valid {typ}"
+        ) from None
+    return raw
+
+
+class _Parser:
+    """``item (',' item)*`` where item is ``name``, ``name{k=v,...}`` or ``fixpoint(items)``."""
+
+    _TOKEN = re.compile(r"\s*([A-Za-z0-9_\-.+]+|[{}(),=])")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens: list[str] = []
+        pos = 0
+        while pos < len(text):
+            if text[pos:].strip() == "":
+                break
+            m = self._TOKEN.match(text, pos)
+            if not m:
+                raise PipelineError(
+                    f"cannot parse pipeline {text!r} at character {pos}: {text[pos:pos + 10]!r}"
+                )
+            self.tokens.append(m.group(1))
+            pos = m.end()
+        self.i = 0
+
+    def peek(self) -> str | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def take(self, expected: str | None = None) -> str:
+        tok = self.peek()
+        if tok is None or (expected is not None and tok != expected):
+            want = f"{expected!r}" if expected else "a pass name"
+            raise PipelineError(f"pipeline {self.text!r}: expected {want}, got {tok!r}")
+        self.i += 1
+        return tok
+
+    def parse_list(self, end: str | None) -> list[PipelineItem]:
+        items: list[PipelineItem] = []
+        if self.peek() == end:
+            return items
+        while True:
+            items += self.parse_item()
+            if self.peek() == ",":
+                self.take(",")
+                continue
+            if self.peek() != end:
+                self.take(end)
+            return items
+
+    def parse_item(self) -> list[PipelineItem]:
+        name = self.take()
+        if name == "fixpoint":
+            self.take("(")
+            inner = self.parse_list(end=")")
+            self.take(")")
+            return [FixedPoint(tuple(flatten(inner)))]
+        if name in _GROUPS:
+            group = FixedPoint(tuple(flatten(_Parser(_GROUPS[name]).parse_list(None))), name=name)
+            return [group]
+        options: dict[str, str] = {}
+        if self.peek() == "{":
+            self.take("{")
+            while self.peek() != "}":
+                key = self.take()
+                self.take("=")
+                options[key] = self.take()
+                if self.peek() == ",":
+                    self.take(",")
+            self.take("}")
+        return [make_pass(name, options)]

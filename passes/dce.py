@@ -1,0 +1,34 @@
+"""dce: delete pure nodes whose value nobody uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.fx import GraphModule
+
+from graphopt.ir import is_pure
+from graphopt.pass_manager import PassContext
+from graphopt.passes_base import Contract, Pass, PassResult, register_pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class DeadCodeElimination(Pass):
+    """Delete unused pure calls and unused weights (and the module attributes behind them).
+
+    before:  %a = relu(%x); %b = neg(%x); return %a
+    after:   %a = relu(%x); return %a
+    """
+
+    name = "dce"
+    contract = Contract.exact()
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        rw = ctx.rewriter(gm)
+        for node in reversed(list(gm.graph.nodes)):
+            if node.users or not (node.op == "get_attr" or is_pure(node)):
+                continue
+            if not rw.allowed():
+                break
+            rw.erase(node)
+        return PassResult(rw.rewrites > 0, {"erased": rw.rewrites})

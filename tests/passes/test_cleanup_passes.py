@@ -1,0 +1,129 @@
+"""dce, cse, fold-constants, remove-noops: golden IR, rewrite counts, bitwise-exact outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graphopt.testing import assert_golden, run_pipeline
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _assert_exact(run) -> None:  # type: ignore[no-untyped-def]
+    before, after = run.outputs()
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+class DeadCode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dead = torch.sigmoid(x) * 3  # two dead nodes, plus the unused weight
+        del dead
+        return torch.relu(x) + 1
+
+
+def test_dce_golden_count_exact() -> None:
+    run = run_pipeline(DeadCode(), (torch.randn(4, 5),), "dce")
+    assert_golden(GOLDEN / "dce.txt", run.after)
+    assert run.rewrites == 3
+    assert run.report.records[0].stats == {"erased": 3}
+    assert not hasattr(run.after, "unused")  # the module attribute went with its node
+    _assert_exact(run)
+
+
+class Duplicates(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.tanh(x) * 2.0
+        b = torch.tanh(x) * 2.0  # same as a
+        c = torch.tanh(x) * -0.0  # differs from a only by a float constant: not merged
+        return a + b + c, torch.tanh(x)  # the output tanh is merged too
+
+
+def test_cse_golden_count_exact() -> None:
+    run = run_pipeline(Duplicates(), (torch.randn(4, 5),), "cse")
+    assert_golden(GOLDEN / "cse.txt", run.after)
+    assert run.rewrites == 4  # tanh x3, mul x1
+    _assert_exact(run)
+
+
+class CseTwoOutputs(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 2, x * 2
+
+
+def test_cse_keeps_distinct_outputs_distinct() -> None:
+    run = run_pipeline(CseTwoOutputs(), (torch.randn(3),), "cse")
+    assert run.rewrites == 0  # merging would return one tensor twice (new aliasing)
+
+
+class WeightMath(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = self.w.t() * 0.5 + 1.0  # weight-only: folded into one constant
+        return x @ scaled + torch.arange(5.0)  # arange (no tensor input) is recomputed, not stored
+
+
+def test_fold_constants_golden_count_exact() -> None:
+    run = run_pipeline(WeightMath(), (torch.randn(3, 6),), "fold-constants,dce")
+    assert_golden(GOLDEN / "fold_constants.txt", run.after)
+    folds = run.report.records[0]
+    assert folds.rewrites == 1 and folds.stats == {"folded": 1}
+    _assert_exact(run)
+    const = [n for n in run.after.graph.nodes if n.op == "get_attr"]
+    assert [n.meta["graphopt"]["pass"] for n in const] == ["fold-constants"]
+
+
+def test_fold_constants_respects_size_limit() -> None:
+    run = run_pipeline(WeightMath(), (torch.randn(3, 6),), "fold-constants{max_bytes=16}")
+    assert run.rewrites == 0
+
+
+class Noops(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.drop(x).clone().detach().contiguous().to(torch.float32)
+        y = y.reshape(x.shape[0], 5).relu()
+        kept = y.t().contiguous()  # a real layout change: kept
+        return y.clone(), kept  # the output clone is kept (no output aliasing)
+
+
+def test_remove_noops_golden_count_exact() -> None:
+    run = run_pipeline(Noops(), (torch.randn(4, 5),), "remove-noops")
+    assert_golden(GOLDEN / "remove_noops.txt", run.after)
+    targets = {str(n.target) for n in run.after.graph.nodes if n.op == "call_function"}
+    assert "aten.dropout.default" not in targets and "aten.detach.default" not in targets
+    assert run.rewrites == 5
+    _assert_exact(run)
+
+
+class TrainDropout(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(x, 0.5, training=True)
+
+
+def test_remove_noops_keeps_training_dropout() -> None:
+    gm_run = run_pipeline(TrainDropout(), (torch.randn(4, 5),), "remove-noops", verify=False)
+    assert gm_run.rewrites == 0
+
+
+def test_cleanup_group_reaches_fixed_point() -> None:
+    run = run_pipeline(Noops(), (torch.randn(4, 5),), "cleanup")
+    names = [r.name for r in run.report.records]
+    assert names == ["cleanup:remove-noops", "cleanup:fold-constants", "cleanup:cse", "cleanup:dce"]
+    again = run_pipeline(Noops(), (torch.randn(4, 5),), "cleanup,cleanup")
+    assert sum(r.rewrites for r in again.report.records[4:]) == 0
+    _assert_exact(run)

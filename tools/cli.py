@@ -1,0 +1,173 @@
+"""``graphopt``: compile a model and print the per-pass report.
+
+    graphopt compile resnet --pipeline -O1
+    graphopt compile path/to/file.py:factory --pipeline "cleanup,fold-bn" --save out.graphopt
+    graphopt demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch.utils import _pytree as pytree
+
+import graphopt
+from graphopt import zoo
+from graphopt.errors import GraphoptError
+from graphopt.pass_manager import PassRecord, Report
+
+console = Console(width=None if sys.stdout.isatty() else 110)
+
+
+def load_model(spec: str, batch: int | None) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    """A zoo name, or ``path/to/file.py:factory`` where ``factory()`` returns (model, inputs)."""
+    kwargs = {} if batch is None else {"batch": batch}
+    if ":" not in spec:
+        return zoo.get(spec, **kwargs)
+    path, _, name = spec.rpartition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise GraphoptError(f"model file {path} not found (MODEL is a zoo name or path/to/file.py:factory)")
+    module_spec = importlib.util.spec_from_file_location(file.stem, file)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise GraphoptError(f"{path} has no callable {name!r}; define {name}() returning (model, example_inputs)")
+    result = factory(**kwargs)
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+        raise GraphoptError(
+            f"{spec}: {name}() must return (model, example_inputs), got {type(result).__name__}"
+        )
+    model, inputs = result
+    return model, inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def report_table(title: str, report: Report) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column, justify in [("pass", "left"), ("time", "right"), ("nodes", "right"),
+                            ("rewrites", "right"), ("error vs f64", "right"), ("status", "left")]:  # fmt: skip
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    base = "-" if report.baseline_error is None else f"{report.baseline_error:.2e}"
+    table.add_row("captured", "", "", "", base, "dynamic batch" if report.capture.get("dynamic_batch") else "static shapes")
+    for r in report.records:
+        table.add_row(r.name, f"{r.time_s * 1e3:.1f} ms", f"{r.nodes_before} -> {r.nodes_after}",
+                      str(r.rewrites), "-" if r.error is None else f"{r.error:.2e}", _status(r))  # fmt: skip
+    return table
+
+
+def _status(r: PassRecord) -> str:
+    color = {"ok": "green", "rolled back": "red", "skipped": "yellow"}.get(r.status, "dim")
+    return f"[{color}]{r.status}[/{color}]"
+
+
+def compile_and_report(name: str, model: torch.nn.Module, inputs: tuple[Any, ...], args: argparse.Namespace) -> graphopt.CompiledModule:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:  # fmt: skip
+        task = progress.add_task(f"{name}: capturing", total=None)
+
+        def on_event(kind: str, pass_name: str, record: PassRecord | None) -> None:
+            if kind == "start":
+                progress.update(task, description=f"{name}: {pass_name}")
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", graphopt.EquivalenceWarning)
+            warnings.simplefilter("always", graphopt.StaticShapeWarning)
+            compiled = graphopt.compile(
+                model, inputs, pipeline=args.pipeline, verify=not args.no_verify,
+                on_fail=args.on_fail, max_rewrites=args.max_rewrites, on_event=on_event,
+            )  # fmt: skip
+    report = compiled.report
+    console.print(report_table(f"{name}  pipeline {compiled.pipeline or '(none)'}  ({report.total_s:.2f} s)", report))
+    for w in caught:
+        if issubclass(w.category, (graphopt.EquivalenceWarning, graphopt.StaticShapeWarning)):
+            console.print(f"[yellow]warning:[/yellow] {w.message}")
+    return compiled
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    model, inputs = load_model(args.model, args.batch)
+    compiled = compile_and_report(args.model, model, inputs, args)
+    _check_against_eager(model, compiled, inputs)
+    if args.show_graph:
+        console.print(graphopt.format_graph(compiled.gm), markup=False, highlight=False)
+    if args.save:
+        graphopt.save(compiled, args.save)
+        console.print(f"saved to {args.save} (load with graphopt.load)")
+    return 0
+
+
+def _check_against_eager(model: torch.nn.Module, compiled: graphopt.CompiledModule, inputs: tuple[Any, ...]) -> None:
+    with torch.no_grad():
+        ref = pytree.tree_leaves(model.eval()(*inputs))
+        got = pytree.tree_leaves(compiled(*inputs))
+    diffs = [float((a - b).abs().max()) for a, b in zip(got, ref) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    console.print(f"max |compiled - eager| over outputs: {max(diffs, default=0.0):.2e}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    console.print("[bold]graphopt demo[/bold]: a zoo CNN and a zoo transformer at -O1 on the CPU")
+    for name in ("resnet", "bert"):
+        model, inputs = zoo.get(name)
+        compiled = compile_and_report(name, model, inputs, args)
+        _check_against_eager(model, compiled, inputs)
+    return 0
+
+
+def _fix_pipeline_argv(argv: list[str]) -> list[str]:
+    """Let ``--pipeline -O1`` work: argparse would read -O1 as an option."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--pipeline" and arg.startswith("-"):
+            out[-1] = f"--pipeline={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphopt", description="graph optimizer for PyTorch models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--pipeline", default="-O1", help="-O0..-O3 or passes, e.g. 'cleanup,fold-bn{eps=1e-5}'")
+        p.add_argument("--on-fail", choices=("rollback", "raise"), default="rollback")
+        p.add_argument("--no-verify", action="store_true", help="skip the equivalence check after each pass")
+        p.add_argument("--max-rewrites", type=int, default=None, help="stop after N rewrites (bisection)")
+
+    p = sub.add_parser("compile", help="compile a model and print the per-pass report")
+    p.add_argument("model", help=f"zoo name ({', '.join(zoo.ZOO)}) or path/to/file.py:factory")
+    p.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
+    p.add_argument("--save", default=None, help="write the compiled model here (graphopt.load reads it)")
+    p.add_argument("--show-graph", action="store_true", help="print the optimized graph")
+    common(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("demo", help="compile a zoo CNN and transformer and print their reports")
+    common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(_fix_pipeline_argv(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        return int(args.func(args))
+    except GraphoptError as exc:
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
