@@ -1,8 +1,8 @@
 """graphopt: a verified graph optimizer for neural networks.
 
-    compiled = graphopt.compile(model, (x,))     # capture, optimize, verify every pass
-    compiled(x)                                   # behaves like model(x)
-    graphopt.save(compiled, "m.graphopt"); graphopt.load("m.graphopt")
+compiled = graphopt.compile(model, (x,))     # capture, optimize, verify every pass
+compiled(x)                                   # behaves like model(x)
+graphopt.save(compiled, "m.graphopt"); graphopt.load("m.graphopt")
 """
 
 from graphopt.api import compile

@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 
 from graphopt.capture import as_args, capture
 from graphopt.compiled import CompiledModule, InputSignature
-from graphopt.errors import GraphoptError
+from graphopt.errors import CaptureError, GraphoptError
 from graphopt.pass_manager import Event, PassManager
 from graphopt.passes_base import PipelineItem
 
@@ -50,6 +50,11 @@ def compile(
     its contract is rolled back with a warning (``on_fail="rollback"``) or raises
     ``EquivalenceError`` (``on_fail="raise"``). ``.report`` on the result has the per-pass table.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(
+            f"graphopt.compile takes a torch.nn.Module, got {type(model).__name__}; wrap a "
+            "function in an nn.Module"
+        )
     args = as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     resolved = resolve_target(target, model, args)

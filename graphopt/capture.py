@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
+import logging
 import os
+import sys
 import traceback
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from typing import Any
 
 import torch
@@ -86,25 +89,23 @@ def capture(
                 "model's forward() signature, shapes and dtypes"
             ) from exc
         _register_output_dataclasses(eager_out)
-        info: dict[str, Any] = {"dynamic_batch": False, "static_reason": None, "torch": torch.__version__}
+        info: dict[str, Any] = {
+            "dynamic_batch": False,
+            "static_reason": None,
+            "torch": torch.__version__,
+        }
+        ep = None
         if dynamic_batch:
             try:
                 ep = _export(model, args, kwargs, _batch_dims(model, args, kwargs))
                 info["dynamic_batch"] = True
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {_first_line(exc)}"
-                info["static_reason"] = reason
-                warnings.warn(
-                    f"{name}: the batch dimension cannot be dynamic ({reason}); captured with "
-                    "static shapes, so the compiled model accepts only the example's shapes",
-                    StaticShapeWarning,
-                    stacklevel=2,
-                )
-                ep = None
+                info["static_reason"] = f"{type(exc).__name__}: {_first_line(exc)}"
         else:
             info["static_reason"] = "dynamic_batch=False"
-            ep = None
         if ep is None:
+            # Fresh tensors: a failed dynamic export leaves dynamic-dim marks on its inputs.
+            args, kwargs = pytree.tree_map(_fresh, (args, kwargs))
             try:
                 ep = _export(model, args, kwargs, None)
             except Exception as exc:
@@ -114,6 +115,14 @@ def capture(
                     "(no Python control flow on tensor values, no unsupported ops), or "
                     "capture a submodule that is"
                 ) from None
+            if dynamic_batch:
+                warnings.warn(
+                    f"{name}: the batch dimension cannot be dynamic ({info['static_reason']}); "
+                    "captured with static shapes, so the compiled model accepts only the "
+                    "example's shapes",
+                    StaticShapeWarning,
+                    stacklevel=3,
+                )
     gm = ep.module()
     normalize(gm)
     info["dynamic_batch"] = info["dynamic_batch"] and _has_symbolic_batch(gm)
@@ -121,8 +130,41 @@ def capture(
     return gm
 
 
-def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any) -> Any:
-    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+_NOISY_LOGGERS = (
+    "torch.fx.experimental.symbolic_shapes",
+    "torch._export",
+    "torch.export",
+    "torch._dynamo",
+)
+
+
+@contextmanager
+def _quiet_failures() -> Iterator[None]:
+    """On a failed trace torch logs and prints whole graphs to stderr; graphopt's own error says
+    what matters, so that output is dropped on failure and passed through on success."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    printed = io.StringIO()
+    try:
+        with redirect_stderr(printed):
+            yield
+        sys.stderr.write(printed.getvalue())
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any
+) -> Any:
+    with _quiet_failures():
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+
+
+def _fresh(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
 
 
 def _batch_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -165,7 +207,8 @@ def _register_output_dataclasses(out: Any) -> None:
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
             cls = type(x)
             if cls not in pytree.SUPPORTED_NODES:
-                torch.export.register_dataclass(cls)
+                name = f"{cls.__module__}.{cls.__qualname__}"
+                torch.export.register_dataclass(cls, serialized_type_name=name)
             leaves += [getattr(x, f.name) for f in dataclasses.fields(x)]
         elif isinstance(x, (list, tuple)):
             leaves += list(x)
@@ -187,7 +230,13 @@ _LIB_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__
 def _user_frame(exc: BaseException) -> str:
     """' at file:line in func: `code`' for the innermost frame of the user's own code."""
     frames = traceback.extract_tb(exc.__traceback__)
-    user = [f for f in frames if not f.filename.startswith(_LIB_DIRS) and "site-packages" not in f.filename and "<" not in f.filename]
+    user = [
+        f
+        for f in frames
+        if not f.filename.startswith(_LIB_DIRS)
+        and "site-packages" not in f.filename
+        and "<" not in f.filename
+    ]
     if not user:
         return _source_from_message(exc)
     f = user[-1]
@@ -198,6 +247,10 @@ def _source_from_message(exc: BaseException) -> str:
     """torch.export reports the user's source line inside its message; surface it."""
     for line in str(exc).splitlines():
         stripped = line.strip()
-        if stripped.startswith("File ") and ", line " in stripped and "site-packages" not in stripped:
+        if (
+            stripped.startswith("File ")
+            and ", line " in stripped
+            and "site-packages" not in stripped
+        ):
             return f" ({stripped})"
     return ""

@@ -73,18 +73,24 @@ class InputSignature:
             if spec is None:
                 continue
             if not isinstance(leaf, torch.Tensor):
-                raise InputMismatchError(f"input {i}: expected a tensor {spec.describe()}, got {type(leaf).__name__}")
+                raise InputMismatchError(
+                    f"input {i}: expected a tensor {spec.describe()}, got {type(leaf).__name__}"
+                )
             got = TensorSpec(str(leaf.dtype), tuple(leaf.shape), leaf.device.type)
             bad_shape = len(got.shape) != len(spec.shape) or any(
                 e is not None and e != g for e, g in zip(spec.shape, got.shape)
             )
             if got.dtype != spec.dtype or got.device != spec.device or bad_shape:
-                what = "dtype" if got.dtype != spec.dtype else "device" if got.device != spec.device else (
-                    "rank" if len(got.shape) != len(spec.shape) else "shape"
+                what = (
+                    "dtype"
+                    if got.dtype != spec.dtype
+                    else "device"
+                    if got.device != spec.device
+                    else ("rank" if len(got.shape) != len(spec.shape) else "shape")
                 )
                 hint = " (* is the dynamic batch dimension)" if self.dynamic_batch else ""
                 raise InputMismatchError(
-                    f"input {i}: wrong {what}: expected {spec.describe()}{hint}, got {got.describe()}"
+                    f"input {i}: wrong {what}: expected {spec.describe()}, got {got.describe()}{hint}"
                 )
 
 

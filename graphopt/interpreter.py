@@ -80,7 +80,9 @@ def reference_run(gm: GraphModule, flat_inputs: Sequence[Any]) -> tuple[list[Any
     return outs, runner.values
 
 
-def native_run(gm: GraphModule, flat_inputs: Sequence[Any], *, record: bool = False) -> tuple[list[Any], dict[str, Any]]:
+def native_run(
+    gm: GraphModule, flat_inputs: Sequence[Any], *, record: bool = False
+) -> tuple[list[Any], dict[str, Any]]:
     """Outputs of ``gm`` in its own dtypes and devices (and every node's value if ``record``)."""
     runner = Runner(gm, record=record)
     outs = runner.run_graph(flat_inputs)

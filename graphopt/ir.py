@@ -69,9 +69,11 @@ def propagate_meta(gm: GraphModule) -> None:
     """Recompute ``meta["val"]`` for every node of ``gm`` from its placeholders' metadata."""
     mode = fake_mode_of(gm)
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    with torch.fx.experimental.symbolic_shapes._suppress_guards(mode.shape_env) if (
-        mode.shape_env is not None
-    ) else _nullcontext():
+    with (
+        torch.fx.experimental.symbolic_shapes._suppress_guards(mode.shape_env)
+        if (mode.shape_env is not None)
+        else _nullcontext()
+    ):
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
@@ -176,7 +178,11 @@ def format_graph(gm: GraphModule) -> str:
         args = [_format_arg(a) for a in node.args]
         args += [f"{k}={_format_arg(v)}" for k, v in node.kwargs.items()]
         typ = format_type(node.meta.get("val"))
-        call = short_target(node) if node.op == "get_attr" else f"{short_target(node)}({', '.join(args)})"
+        call = (
+            short_target(node)
+            if node.op == "get_attr"
+            else f"{short_target(node)}({', '.join(args)})"
+        )
         lines.append(f"%{node.name} = {call}" + (f" : {typ}" if typ else ""))
     return "\n".join(lines) + "\n"
 

@@ -8,7 +8,9 @@ import torch
 
 
 def _pair(x: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.detach().to("cpu", torch.float64).flatten(), ref.detach().to("cpu", torch.float64).flatten()
+    return x.detach().to("cpu", torch.float64).flatten(), ref.detach().to(
+        "cpu", torch.float64
+    ).flatten()
 
 
 def max_abs(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -130,7 +130,10 @@ class PassManager:
         return gm, report
 
     def _run_group(self, gm: GraphModule, group: FixedPoint, report: Report) -> GraphModule:
-        records = {p.name: PassRecord(f"{group.name}:{p.name}", str(p.contract_for())) for p in group.passes}
+        records = {
+            p.name: PassRecord(f"{group.name}:{p.name}", str(p.contract_for()))
+            for p in group.passes
+        }
         for _ in range(group.max_iters):
             any_change = False
             for p in group.passes:
@@ -164,7 +167,9 @@ class PassManager:
         _check_invariants(candidate, p.name)
         changed = result.changed
         for key, value in result.stats.items():
-            record.stats[key] = record.stats.get(key, 0) + value if isinstance(value, (int, float)) else value
+            record.stats[key] = (
+                record.stats.get(key, 0) + value if isinstance(value, (int, float)) else value
+            )
         keep = True
         if changed and self._verifier is not None:
             t1 = time.perf_counter()

@@ -13,7 +13,7 @@ import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from graphopt.errors import PipelineError
 
@@ -119,7 +119,7 @@ class FixedPoint:
         return "fixpoint(" + ",".join(p.spec() for p in self.passes) + ")"
 
 
-PipelineItem = Union[Pass, FixedPoint]
+PipelineItem = Pass | FixedPoint
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _GROUPS: dict[str, str] = {}
@@ -136,7 +136,9 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
             "such as 'fold-bn'"
         )
     if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
-        raise PipelineError(f"pass {cls.name!r} must be a frozen dataclass (@dataclass(frozen=True))")
+        raise PipelineError(
+            f"pass {cls.name!r} must be a frozen dataclass (@dataclass(frozen=True))"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -270,7 +272,7 @@ class _Parser:
             m = self._TOKEN.match(text, pos)
             if not m:
                 raise PipelineError(
-                    f"cannot parse pipeline {text!r} at character {pos}: {text[pos:pos + 10]!r}"
+                    f"cannot parse pipeline {text!r} at character {pos}: {text[pos : pos + 10]!r}"
                 )
             self.tokens.append(m.group(1))
             pos = m.end()
@@ -281,7 +283,8 @@ class _Parser:
 
     def take(self, expected: str | None = None) -> str:
         tok = self.peek()
-        if tok is None or (expected is not None and tok != expected):
+        punctuation = tok is not None and tok in "{}(),=" and expected is None
+        if tok is None or punctuation or (expected is not None and tok != expected):
             want = f"{expected!r}" if expected else "a pass name"
             raise PipelineError(f"pipeline {self.text!r}: expected {want}, got {tok!r}")
         self.i += 1

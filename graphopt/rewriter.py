@@ -84,7 +84,9 @@ class Rewriter:
         self._tag(node, sources)
         return node
 
-    def constant(self, value: torch.Tensor, *, hint: str, before: Node, sources: Sequence[Node]) -> Node:
+    def constant(
+        self, value: torch.Tensor, *, hint: str, before: Node, sources: Sequence[Node]
+    ) -> Node:
         """Register a new weight tensor on the module and return a ``get_attr`` node for it."""
         name = self._fresh_attr(hint)
         self.gm.register_buffer(name, value.detach(), persistent=True)
@@ -104,7 +106,9 @@ class Rewriter:
             if not hasattr(self.gm, name):
                 return name
 
-    def _fake_eval(self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _fake_eval(
+        self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         def val(a: Any) -> Any:
             return a.meta["val"] if isinstance(a, Node) else a
 

@@ -39,7 +39,9 @@ class PassRun:
         return reference_run(self.before, self.inputs)[0]
 
 
-def run_pipeline(model: torch.nn.Module, inputs: tuple[Any, ...], pipeline: str, **options: Any) -> PassRun:
+def run_pipeline(
+    model: torch.nn.Module, inputs: tuple[Any, ...], pipeline: str, **options: Any
+) -> PassRun:
     """Capture ``model`` and run ``pipeline`` on it with verification raising on failure."""
     gm = capture(model, inputs)
     flat = pytree.tree_leaves(inputs)

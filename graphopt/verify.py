@@ -121,7 +121,11 @@ class Verifier:
         """Build the error that names the first node whose own computation breaks the contract."""
         _, before_raw = native_run(before_gm, self.inputs, record=True)
         _, after_vals = native_run(after_gm, self.inputs, record=True)
-        before_vals = {original_name(n): before_raw[n.name] for n in before_gm.graph.nodes if n.name in before_raw}
+        before_vals = {
+            original_name(n): before_raw[n.name]
+            for n in before_gm.graph.nodes
+            if n.name in before_raw
+        }
         first_inherited: tuple[Node, str, str] | None = None
         runner = Runner(after_gm)
         for node in after_gm.graph.nodes:
@@ -192,7 +196,9 @@ class Verifier:
             if kind == "local"
             else "its inputs were already wrong and no node computes wrongly from correct ones (its value"
         )
-        origin_note = f", standing for %{origin} of the captured graph" if origin != node.name else ""
+        origin_note = (
+            f", standing for %{origin} of the captured graph" if origin != node.name else ""
+        )
         trace = node.meta.get("stack_trace", "").strip().splitlines()
         source = f" Source: {trace[-1].strip()}." if trace else ""
         message = (

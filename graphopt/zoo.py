@@ -41,7 +41,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -54,7 +56,9 @@ class ResNetSmall(nn.Module):
 
     def __init__(self, width: int = 16, blocks: int = 2, classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         layers: list[nn.Module] = []
         cin = width
         for stage, mult in enumerate((1, 2, 4)):
@@ -90,7 +94,9 @@ class InvertedResidual(nn.Module):
 class MobileNetSmall(nn.Module):
     def __init__(self, width: int = 16, classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6()
+        )
         self.blocks = nn.Sequential(
             InvertedResidual(width, width, 1),
             InvertedResidual(width, width * 2, 2),
@@ -133,7 +139,9 @@ class TransformerLayer(nn.Module):
         self.pre_norm = pre_norm
         self.attn = Attention(dim, heads, causal)
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(0.1))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(0.1)
+        )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_norm:  # GPT-2
@@ -146,11 +154,19 @@ class TransformerLayer(nn.Module):
 class BertEncoder(nn.Module):
     """BERT-style encoder: token + position + segment embeddings, post-norm layers, pooler."""
 
-    def __init__(self, vocab: int = 1000, dim: int = 64, heads: int = 4, layers: int = 2, seq: int = 32) -> None:
+    def __init__(
+        self, vocab: int = 1000, dim: int = 64, heads: int = 4, layers: int = 2, seq: int = 32
+    ) -> None:
         super().__init__()
-        self.tok, self.pos, self.seg = nn.Embedding(vocab, dim), nn.Embedding(seq, dim), nn.Embedding(2, dim)
+        self.tok, self.pos, self.seg = (
+            nn.Embedding(vocab, dim),
+            nn.Embedding(seq, dim),
+            nn.Embedding(2, dim),
+        )
         self.ln = nn.LayerNorm(dim)
-        self.layers = nn.ModuleList(TransformerLayer(dim, heads, False, False) for _ in range(layers))
+        self.layers = nn.ModuleList(
+            TransformerLayer(dim, heads, False, False) for _ in range(layers)
+        )
         self.pool = nn.Linear(dim, dim)
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -164,7 +180,9 @@ class BertEncoder(nn.Module):
 class GptDecoder(nn.Module):
     """GPT-style decoder: causal pre-norm layers and a language-model head tied to the embedding."""
 
-    def __init__(self, vocab: int = 1000, dim: int = 64, heads: int = 4, layers: int = 2, seq: int = 32) -> None:
+    def __init__(
+        self, vocab: int = 1000, dim: int = 64, heads: int = 4, layers: int = 2, seq: int = 32
+    ) -> None:
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(seq, dim)
         self.layers = nn.ModuleList(TransformerLayer(dim, heads, True, True) for _ in range(layers))
@@ -204,11 +222,15 @@ def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def resnet(batch: int = 4, image: int = 32) -> tuple[nn.Module, tuple[Any, ...]]:
-    return _seeded(ResNetSmall), (torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(2)),)
+    return _seeded(ResNetSmall), (
+        torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(2)),
+    )
 
 
 def mobilenet(batch: int = 4, image: int = 32) -> tuple[nn.Module, tuple[Any, ...]]:
-    return _seeded(MobileNetSmall), (torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(2)),)
+    return _seeded(MobileNetSmall), (
+        torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(2)),
+    )
 
 
 def _tokens(batch: int, seq: int) -> torch.Tensor:
@@ -229,7 +251,13 @@ def mlp(batch: int = 16) -> tuple[nn.Module, tuple[Any, ...]]:
     return _seeded(Mlp), (torch.randn(batch, 128, generator=torch.Generator().manual_seed(2)),)
 
 
-ZOO: dict[str, Factory] = {"resnet": resnet, "mobilenet": mobilenet, "bert": bert, "gpt": gpt, "mlp": mlp}
+ZOO: dict[str, Factory] = {
+    "resnet": resnet,
+    "mobilenet": mobilenet,
+    "bert": bert,
+    "gpt": gpt,
+    "mlp": mlp,
+}
 
 
 def get(name: str, **kwargs: Any) -> tuple[nn.Module, tuple[Any, ...]]:

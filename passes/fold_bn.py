@@ -76,7 +76,9 @@ def _batch_norm(bn: Node, rw: Rewriter) -> bool:
 def _batch_norm_no_training(getitem: Node, rw: Rewriter) -> bool:
     # getitem(_native_batch_norm_legit_no_training(input, weight, bias, mean, var, momentum, eps), 0)
     bn = getitem.args[0]
-    if not (isinstance(bn, Node) and bn.target == aten._native_batch_norm_legit_no_training.default):
+    if not (
+        isinstance(bn, Node) and bn.target == aten._native_batch_norm_legit_no_training.default
+    ):
         return False
     others_dead = all(u is getitem or not u.users for u in bn.users)  # mean/invstd unused
     if getitem.args[1] != 0 or not others_dead:

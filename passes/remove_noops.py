@@ -90,12 +90,21 @@ def _contiguous(node: Node, rw: Rewriter) -> bool:
 
 
 RULES = [
-    ((aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default), _dropout_eval),  # dropout(x, p, train=False) -> x
-    ((aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default), _forward),  # alias(x) -> x
+    (
+        (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default),
+        _dropout_eval,
+    ),  # dropout(x, p, train=False) -> x
+    (
+        (aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default),
+        _forward,
+    ),  # alias(x) -> x
     ((aten.clone.default,), _clone),  # clone(x) -> x, if no one could tell
     ((aten.to.dtype, aten.to.dtype_layout, aten.to.device), _to_dtype),  # to(x, x.dtype) -> x
     ((aten._to_copy.default,), _to_copy),  # _to_copy(x) with x's own dtype/device -> x
-    ((aten.view.default, aten.reshape.default, aten.expand.default), _same_shape_view),  # view(x, x.shape) -> x
+    (
+        (aten.view.default, aten.reshape.default, aten.expand.default),
+        _same_shape_view,
+    ),  # view(x, x.shape) -> x
     ((aten.contiguous.default,), _contiguous),  # contiguous(x) -> x when x is contiguous
 ]
 

@@ -1,8 +1,8 @@
 """``graphopt``: compile a model and print the per-pass report.
 
-    graphopt compile resnet --pipeline -O1
-    graphopt compile path/to/file.py:factory --pipeline "cleanup,fold-bn" --save out.graphopt
-    graphopt demo
+graphopt compile resnet --pipeline -O1
+graphopt compile path/to/file.py:factory --pipeline "cleanup,fold-bn" --save out.graphopt
+graphopt demo
 """
 
 from __future__ import annotations
@@ -37,16 +37,22 @@ def load_model(spec: str, batch: int | None) -> tuple[torch.nn.Module, tuple[Any
     path, _, name = spec.rpartition(":")
     file = Path(path)
     if not file.is_file():
-        raise GraphoptError(f"model file {path} not found (MODEL is a zoo name or path/to/file.py:factory)")
+        raise GraphoptError(
+            f"model file {path} not found (MODEL is a zoo name or path/to/file.py:factory)"
+        )
     module_spec = importlib.util.spec_from_file_location(file.stem, file)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise GraphoptError(f"{path} has no callable {name!r}; define {name}() returning (model, example_inputs)")
+        raise GraphoptError(
+            f"{path} has no callable {name!r}; define {name}() returning (model, example_inputs)"
+        )
     result = factory(**kwargs)
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+    if not (
+        isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)
+    ):
         raise GraphoptError(
             f"{spec}: {name}() must return (model, example_inputs), got {type(result).__name__}"
         )
@@ -60,7 +66,14 @@ def report_table(title: str, report: Report) -> Table:
                             ("rewrites", "right"), ("error vs f64", "right"), ("status", "left")]:  # fmt: skip
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     base = "-" if report.baseline_error is None else f"{report.baseline_error:.2e}"
-    table.add_row("captured", "", "", "", base, "dynamic batch" if report.capture.get("dynamic_batch") else "static shapes")
+    table.add_row(
+        "captured",
+        "",
+        "",
+        "",
+        base,
+        "dynamic batch" if report.capture.get("dynamic_batch") else "static shapes",
+    )
     for r in report.records:
         table.add_row(r.name, f"{r.time_s * 1e3:.1f} ms", f"{r.nodes_before} -> {r.nodes_after}",
                       str(r.rewrites), "-" if r.error is None else f"{r.error:.2e}", _status(r))  # fmt: skip
@@ -72,7 +85,9 @@ def _status(r: PassRecord) -> str:
     return f"[{color}]{r.status}[/{color}]"
 
 
-def compile_and_report(name: str, model: torch.nn.Module, inputs: tuple[Any, ...], args: argparse.Namespace) -> graphopt.CompiledModule:
+def compile_and_report(
+    name: str, model: torch.nn.Module, inputs: tuple[Any, ...], args: argparse.Namespace
+) -> graphopt.CompiledModule:
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:  # fmt: skip
         task = progress.add_task(f"{name}: capturing", total=None)
@@ -89,7 +104,11 @@ def compile_and_report(name: str, model: torch.nn.Module, inputs: tuple[Any, ...
                 on_fail=args.on_fail, max_rewrites=args.max_rewrites, on_event=on_event,
             )  # fmt: skip
     report = compiled.report
-    console.print(report_table(f"{name}  pipeline {compiled.pipeline or '(none)'}  ({report.total_s:.2f} s)", report))
+    console.print(
+        report_table(
+            f"{name}  pipeline {compiled.pipeline or '(none)'}  ({report.total_s:.2f} s)", report
+        )
+    )
     for w in caught:
         if issubclass(w.category, (graphopt.EquivalenceWarning, graphopt.StaticShapeWarning)):
             console.print(f"[yellow]warning:[/yellow] {w.message}")
@@ -108,11 +127,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_against_eager(model: torch.nn.Module, compiled: graphopt.CompiledModule, inputs: tuple[Any, ...]) -> None:
+def _check_against_eager(
+    model: torch.nn.Module, compiled: graphopt.CompiledModule, inputs: tuple[Any, ...]
+) -> None:
     with torch.no_grad():
         ref = pytree.tree_leaves(model.eval()(*inputs))
         got = pytree.tree_leaves(compiled(*inputs))
-    diffs = [float((a - b).abs().max()) for a, b in zip(got, ref) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    diffs = [
+        float((a - b).abs().max())
+        for a, b in zip(got, ref)
+        if isinstance(a, torch.Tensor) and a.is_floating_point()
+    ]
     console.print(f"max |compiled - eager| over outputs: {max(diffs, default=0.0):.2e}")
 
 
@@ -137,19 +162,29 @@ def _fix_pipeline_argv(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphopt", description="graph optimizer for PyTorch models")
+    parser = argparse.ArgumentParser(
+        prog="graphopt", description="graph optimizer for PyTorch models"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--pipeline", default="-O1", help="-O0..-O3 or passes, e.g. 'cleanup,fold-bn{eps=1e-5}'")
+        p.add_argument(
+            "--pipeline", default="-O1", help="-O0..-O3 or passes, e.g. 'cleanup,fold-bn{eps=1e-5}'"
+        )
         p.add_argument("--on-fail", choices=("rollback", "raise"), default="rollback")
-        p.add_argument("--no-verify", action="store_true", help="skip the equivalence check after each pass")
-        p.add_argument("--max-rewrites", type=int, default=None, help="stop after N rewrites (bisection)")
+        p.add_argument(
+            "--no-verify", action="store_true", help="skip the equivalence check after each pass"
+        )
+        p.add_argument(
+            "--max-rewrites", type=int, default=None, help="stop after N rewrites (bisection)"
+        )
 
     p = sub.add_parser("compile", help="compile a model and print the per-pass report")
     p.add_argument("model", help=f"zoo name ({', '.join(zoo.ZOO)}) or path/to/file.py:factory")
     p.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
-    p.add_argument("--save", default=None, help="write the compiled model here (graphopt.load reads it)")
+    p.add_argument(
+        "--save", default=None, help="write the compiled model here (graphopt.load reads it)"
+    )
     p.add_argument("--show-graph", action="store_true", help="print the optimized graph")
     common(p)
     p.set_defaults(func=cmd_compile)
@@ -161,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(_fix_pipeline_argv(list(sys.argv[1:] if argv is None else argv)))
+    args = build_parser().parse_args(
+        _fix_pipeline_argv(list(sys.argv[1:] if argv is None else argv))
+    )
     try:
         return int(args.func(args))
     except GraphoptError as exc:

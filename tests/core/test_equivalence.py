@@ -43,7 +43,9 @@ class BadAddToSub(Pass):
 def _scale(factor: float):  # type: ignore[no-untyped-def]
     def rule(node: Node, rw: Rewriter) -> bool:
         # mul(x, c) -> mul(x, c * factor)
-        new = rw.call(aten.mul.Tensor, (node.args[0], node.args[1] * factor), before=node, sources=[node])
+        new = rw.call(
+            aten.mul.Tensor, (node.args[0], node.args[1] * factor), before=node, sources=[node]
+        )
         rw.replace(node, new)
         return True
 
@@ -121,7 +123,11 @@ def test_downstream_of_a_wrong_node_is_inherited_not_blamed() -> None:
     # Only the first mul is nudged (max_rewrites=1); the tanh/add after it diverge by inheritance.
     with pytest.raises(graphopt.EquivalenceError) as info:
         graphopt.compile(
-            Net().eval(), _inputs(), pipeline="test-nudge-mul{factor=1.5}", on_fail="raise", max_rewrites=1
+            Net().eval(),
+            _inputs(),
+            pipeline="test-nudge-mul{factor=1.5}",
+            on_fail="raise",
+            max_rewrites=1,
         )
     assert info.value.origin == "mul" and info.value.kind == "local"
 

@@ -85,7 +85,11 @@ def test_linear_bn_golden() -> None:
     assert run.rewrites == 2
     _assert_rounding(run)
     info = [n.meta["graphopt"] for n in run.after.graph.nodes if n.op == "call_function"]
-    assert info[0] == {"pass": "fold-bn", "from": ["linear", "batch_norm"], "replaces": "batch_norm"}
+    assert info[0] == {
+        "pass": "fold-bn",
+        "from": ["linear", "batch_norm"],
+        "replaces": "batch_norm",
+    }
 
 
 class SharedConv(nn.Module):

@@ -1,0 +1,217 @@
+"""Every user-facing failure is a GraphoptError that says what, where and what to do."""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt import GraphoptError, Pass, PassResult, register_pass
+from graphopt.errors import (
+    CaptureError,
+    EquivalenceError,
+    InputMismatchError,
+    PipelineError,
+    SerializationError,
+)
+
+
+def test_every_error_is_a_graphopt_error() -> None:
+    for cls in (
+        CaptureError,
+        EquivalenceError,
+        InputMismatchError,
+        PipelineError,
+        SerializationError,
+    ):
+        assert issubclass(cls, GraphoptError)
+
+
+# -- capture ------------------------------------------------------------------------------------
+
+
+class DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # python control flow on a tensor value
+            return x * 2
+        return x - 1
+
+
+def test_capture_error_names_the_source_line() -> None:
+    with pytest.raises(CaptureError) as info:
+        graphopt.compile(DataDependent(), (torch.randn(3, 4),))
+    message = str(info.value)
+    assert "DataDependent" in message
+    assert "if x.sum() > 0" in message or "test_errors.py" in message
+    assert "Traceback" not in message
+
+
+def test_capture_error_for_a_non_module() -> None:
+    with pytest.raises(CaptureError, match="torch.nn.Module"):
+        graphopt.compile(lambda x: x, (torch.randn(2),))  # type: ignore[arg-type]
+
+
+def test_capture_error_when_the_model_fails_on_its_example() -> None:
+    with pytest.raises(CaptureError, match="fails when run eagerly.*mat1 and mat2"):
+        graphopt.compile(nn.Linear(4, 2), (torch.randn(3, 5),))
+
+
+def test_capture_error_for_bad_example_inputs() -> None:
+    with pytest.raises(CaptureError, match="tuple of the model's positional arguments"):
+        graphopt.compile(nn.Linear(4, 2), {"x": torch.randn(3, 4)})
+
+
+# -- pipelines ----------------------------------------------------------------------------------
+
+
+def test_unknown_pass_lists_the_valid_ones() -> None:
+    with pytest.raises(PipelineError) as info:
+        graphopt.parse_pipeline("cleanup,fold-bm")
+    assert "'fold-bm'" in str(info.value) and "Did you mean 'fold-bn'" in str(info.value)
+    assert "dce" in str(info.value) and "remove-noops" in str(info.value)
+
+
+def test_unknown_option_lists_the_valid_ones() -> None:
+    with pytest.raises(PipelineError, match="no option 'eps'.*max_bytes"):
+        graphopt.parse_pipeline("fold-constants{eps=1e-5}")
+    with pytest.raises(PipelineError, match="takes no options"):
+        graphopt.parse_pipeline("dce{x=1}")
+
+
+def test_bad_option_value_and_syntax() -> None:
+    with pytest.raises(PipelineError, match="max_bytes='lots'.*not a valid int"):
+        graphopt.parse_pipeline("fold-constants{max_bytes=lots}")
+    with pytest.raises(PipelineError, match="expected"):
+        graphopt.parse_pipeline("dce,,cse")
+    with pytest.raises(PipelineError, match="cannot parse"):
+        graphopt.parse_pipeline("dce;cse")
+
+
+@register_pass
+@dataclass(frozen=True)
+class Early(Pass):
+    name = "test-early"
+    runs_before = ("test-late",)
+
+    def run(self, gm, ctx):  # type: ignore[no-untyped-def]
+        return PassResult(False)
+
+
+@register_pass
+@dataclass(frozen=True)
+class Late(Pass):
+    name = "test-late"
+
+    def run(self, gm, ctx):  # type: ignore[no-untyped-def]
+        return PassResult(False)
+
+
+def test_ordering_constraints() -> None:
+    assert len(graphopt.parse_pipeline("test-early,test-late")) == 2
+    with pytest.raises(PipelineError, match="'test-early' must run before 'test-late'"):
+        graphopt.parse_pipeline("test-late,test-early")
+
+
+def test_register_pass_checks_name_and_frozen() -> None:
+    with pytest.raises(PipelineError, match="kebab-case"):
+
+        @register_pass
+        @dataclass(frozen=True)
+        class BadName(Pass):
+            name = "Bad_Name"
+
+    with pytest.raises(PipelineError, match="subclass of graphopt.Pass"):
+
+        @register_pass  # type: ignore[arg-type]
+        @dataclass(frozen=True)
+        class NotAPass:
+            name = "not-a-pass"
+
+
+def test_bad_compile_arguments() -> None:
+    with pytest.raises(GraphoptError, match="on_fail"):
+        graphopt.compile(nn.Linear(2, 2), (torch.randn(1, 2),), on_fail="ignore")
+    with pytest.raises(GraphoptError, match="target='tpu'"):
+        graphopt.compile(nn.Linear(2, 2), (torch.randn(1, 2),), target="tpu")
+
+
+# -- calls --------------------------------------------------------------------------------------
+
+
+class Two(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x.sum(-1) + y
+
+
+@pytest.fixture(scope="module")
+def two() -> graphopt.CompiledModule:
+    return graphopt.compile(Two(), (torch.randn(4, 3), torch.randn(4)))
+
+
+def test_input_mismatch_arity(two: graphopt.CompiledModule) -> None:
+    with pytest.raises(InputMismatchError, match="1 positional argument.*expected 2"):
+        two(torch.randn(4, 3))
+
+
+def test_input_mismatch_dtype(two: graphopt.CompiledModule) -> None:
+    with pytest.raises(
+        InputMismatchError,
+        match=r"input 0: wrong dtype: expected float32\[\*, 3\].*got float16\[4, 3\]",
+    ):
+        two(torch.randn(4, 3).half(), torch.randn(4))
+
+
+def test_input_mismatch_rank_and_shape(two: graphopt.CompiledModule) -> None:
+    with pytest.raises(InputMismatchError, match="wrong rank"):
+        two(torch.randn(4, 3, 1), torch.randn(4))
+    with pytest.raises(InputMismatchError, match=r"wrong shape: expected float32\[\*, 3\]"):
+        two(torch.randn(4, 7), torch.randn(4))
+
+
+def test_input_mismatch_device(two: graphopt.CompiledModule) -> None:
+    with pytest.raises(
+        InputMismatchError,
+        match=r"wrong device: expected float32\[\*, 3\] on cpu, got float32\[4, 3\] on meta",
+    ):
+        two(torch.empty(4, 3, device="meta"), torch.randn(4))
+
+
+def test_input_mismatch_keywords(two: graphopt.CompiledModule) -> None:
+    with pytest.raises(InputMismatchError, match="keyword arguments"):
+        two(torch.randn(4, 3), torch.randn(4), z=1)
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def test_load_missing_and_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(SerializationError, match="no file at"):
+        graphopt.load(tmp_path / "nope.graphopt")
+    junk = tmp_path / "junk.graphopt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(SerializationError, match="not a graphopt model file or is corrupt"):
+        graphopt.load(junk)
+    bad = tmp_path / "bad.graphopt"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr(
+            "graphopt.json", '{"format": "graphopt-model/1", "pipeline": "", "target": "cpu"}'
+        )
+        zf.writestr("program.pt2", b"garbage")
+    with pytest.raises(SerializationError, match="corrupt or from an incompatible torch"):
+        graphopt.load(bad)
+
+
+def test_save_rejects_other_objects(tmp_path: Path) -> None:
+    with pytest.raises(SerializationError, match="expects what graphopt.compile returned"):
+        graphopt.save(nn.Linear(2, 2), tmp_path / "x")  # type: ignore[arg-type]
+
+
+def test_messages_are_not_tracebacks() -> None:
+    with pytest.raises(GraphoptError) as info:
+        graphopt.parse_pipeline("nonexistent")
+    assert "Traceback" not in str(info.value) and len(str(info.value).splitlines()) == 1
