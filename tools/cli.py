@@ -25,6 +25,7 @@ import graphopt
 from graphopt import zoo
 from graphopt.errors import GraphoptError
 from graphopt.pass_manager import PassRecord, Report
+from graphopt.tools import bench
 
 console = Console(width=None if sys.stdout.isatty() else 110)
 
@@ -188,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-graph", action="store_true", help="print the optimized graph")
     common(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser(
+        "bench", help="benchmark graphopt against eager, torch.compile and ONNX Runtime"
+    )
+    bench.add_arguments(p)
+    p.set_defaults(func=lambda a: bench.run(a, console))
 
     p = sub.add_parser("demo", help="compile a zoo CNN and transformer and print their reports")
     common(p)

@@ -1,0 +1,730 @@
+"""``graphopt bench``: graphopt against eager PyTorch, torch.compile and ONNX Runtime, side by side.
+
+All modes of a model run in one process on the same inputs: warm-up first, then the median of
+many timed calls over rotating random inputs (never zeros). On the CPU the thread count is fixed;
+on the GPU timings come from ``triton.testing.do_bench``. Every mode's outputs are compared with
+eager fp32 (max abs, relative L2, cosine). A mode that cannot run is reported with its reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+import graphopt
+from graphopt import metrics, zoo
+from graphopt.errors import GraphoptError
+from graphopt.passes_base import OPT_LEVELS
+
+Runner = Callable[..., Any]
+
+
+class ModeUnavailable(Exception):
+    """This mode cannot run here (missing package, wrong device); the reason is reported."""
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+def _torchvision(name: str) -> Callable[[int], tuple[torch.nn.Module, tuple[Any, ...]]]:
+    def build(batch: int) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+        try:
+            import torchvision.models as tvm
+        except Exception as exc:  # not installed, or built for another torch
+            raise ModeUnavailable(
+                f"torchvision unavailable ({type(exc).__name__}: {exc})"
+            ) from None
+        model = getattr(tvm, name)(weights=None).eval()
+        return model, (torch.randn(batch, 3, 224, 224),)
+
+    return build
+
+
+def _hf(kind: str) -> Callable[[int], tuple[torch.nn.Module, tuple[Any, ...]]]:
+    def build(batch: int) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+        try:
+            import transformers as tf
+        except Exception as exc:
+            raise ModeUnavailable(
+                f"transformers unavailable ({type(exc).__name__}: {exc})"
+            ) from None
+        torch.manual_seed(0)
+        if kind == "vit":
+            model = tf.ViTModel(tf.ViTConfig()).eval()
+            return model, (torch.randn(batch, 3, 224, 224),)
+        if kind == "gpt2":
+            model = tf.GPT2LMHeadModel(tf.GPT2Config(use_cache=False)).eval()
+        else:
+            model = tf.BertModel(tf.BertConfig()).eval()
+        return model, (torch.randint(0, 1000, (batch, 128)),)
+
+    return build
+
+
+EXTERNAL_MODELS: dict[str, Callable[[int], tuple[torch.nn.Module, tuple[Any, ...]]]] = {
+    "resnet50": _torchvision("resnet50"),
+    "mobilenet_v3": _torchvision("mobilenet_v3_large"),
+    "bert-base": _hf("bert"),
+    "gpt2": _hf("gpt2"),
+    "vit-base": _hf("vit"),
+}
+
+
+def build_model(name: str, batch: int) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    if name in zoo.ZOO:
+        return zoo.get(name, batch=batch)
+    if name in EXTERNAL_MODELS:
+        return EXTERNAL_MODELS[name](batch)
+    raise GraphoptError(
+        f"unknown model {name!r}; choose from {', '.join([*zoo.ZOO, *EXTERNAL_MODELS])}"
+    )
+
+
+# -- modes: each returns a callable running the model, built (and compiled) for one device ---------
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    inputs: tuple[Any, ...]
+    device: str
+
+
+def _eager(dtype: torch.dtype | None) -> Callable[[Setup], Runner]:
+    def make(s: Setup) -> Runner:
+        if dtype is not None and s.device != "cuda":
+            raise ModeUnavailable(f"eager {dtype} is measured on the GPU only")
+        model = s.model if dtype is None else _cast(s.model, dtype)
+
+        def run(*args: Any) -> Any:
+            with torch.no_grad():
+                return model(*(_cast_input(a, dtype) for a in args))
+
+        return run
+
+    return make
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
+def _cast_input(x: Any, dtype: torch.dtype | None) -> Any:
+    if dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.to(dtype)
+    return x
+
+
+def _torch_compile(mode: str | None) -> Callable[[Setup], Runner]:
+    def make(s: Setup) -> Runner:
+        if mode == "max-autotune" and s.device != "cuda":
+            raise ModeUnavailable("max-autotune is measured on the GPU only")
+        compiled = torch.compile(s.model, mode=mode)
+
+        def run(*args: Any) -> Any:
+            with torch.no_grad():
+                return compiled(*args)
+
+        run(*s.inputs)  # compile now, so compile time is measured here
+        return run
+
+    return make
+
+
+def _graphopt(pipeline: str) -> Callable[[Setup], Runner]:
+    def make(s: Setup) -> Runner:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return graphopt.compile(s.model, s.inputs, pipeline=pipeline)
+
+    return make
+
+
+def _onnxruntime(s: Setup) -> Runner:
+    try:
+        import onnxruntime as ort
+    except Exception as exc:
+        raise ModeUnavailable(f"onnxruntime not installed ({exc})") from None
+    if s.device != "cpu":
+        raise ModeUnavailable("onnxruntime is measured on the CPU only (no onnxruntime-gpu)")
+    path = Path(tempfile.mkdtemp(prefix="graphopt-bench-")) / "model.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        names = [f"input_{i}" for i in range(len(pytree.tree_leaves(s.inputs)))]
+        dynamic = {n: {0: "batch"} for n in names}
+        try:
+            torch.onnx.export(
+                s.model, s.inputs, str(path), input_names=names, dynamic_axes=dynamic, dynamo=False
+            )
+        except Exception as exc:
+            raise RuntimeError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed_names = [i.name for i in session.get_inputs()]
+
+    def run(*args: Any) -> Any:
+        leaves = [a.numpy() for a in pytree.tree_leaves(args)]
+        outs = session.run(None, dict(zip(feed_names, leaves)))
+        return [torch.from_numpy(o) for o in outs]
+
+    return run
+
+
+MODES: dict[str, Callable[[Setup], Runner]] = {
+    "eager": _eager(None),
+    "eager-fp16": _eager(torch.float16),
+    "eager-bf16": _eager(torch.bfloat16),
+    "torch.compile": _torch_compile(None),
+    "torch.compile-max-autotune": _torch_compile("max-autotune"),
+    **{f"graphopt{level}": _graphopt(level) for level in OPT_LEVELS},
+    "onnxruntime": _onnxruntime,
+}
+DEFAULT_MODES = ["eager", "torch.compile", "graphopt-O1", "graphopt-O2", "onnxruntime"]
+GPU_EXTRA_MODES = ["eager-fp16", "eager-bf16", "torch.compile-max-autotune"]
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    model: str
+    mode: str
+    batch: int
+    status: str = "ok"  # ok | unavailable | failed
+    reason: str = ""
+    latency_ms: float | None = None  # median
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    reps: int = 0
+    compile_s: float | None = None
+    peak_mem_mb: float | None = None
+    max_abs: float | None = None
+    rel_l2: float | None = None
+    cosine: float | None = None
+    speedup: float | None = None  # eager latency / this latency
+
+
+@dataclass
+class Settings:
+    device: str = "cpu"
+    threads: int = 2
+    warmup: int = 3
+    min_reps: int = 10
+    min_time_s: float = 0.5
+    rotate: int = 4
+
+
+def random_like(x: Any, generator: torch.Generator) -> Any:
+    """A fresh input like ``x``: normal floats; ints drawn from x's own range (ids stay valid,
+    0/1 masks stay masks)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.is_floating_point():
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    if x.dtype == torch.bool or x.numel() == 0:
+        return x.clone()
+    lo, hi = int(x.min()), int(x.max())
+    if hi - lo <= 1:
+        return x.clone()
+    return torch.randint(lo, hi + 1, x.shape, generator=generator, dtype=x.dtype).to(x.device)
+
+
+def input_sets(inputs: tuple[Any, ...], n: int, seed: int = 0) -> list[tuple[Any, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    return [pytree.tree_map(lambda x: random_like(x, g), inputs) for _ in range(n)]
+
+
+def output_errors(got: Any, want: Any) -> dict[str, float]:
+    """Worst max-abs, relative-L2 and cosine over the float outputs, against eager fp32."""
+    g, w = pytree.tree_leaves(got), pytree.tree_leaves(want)
+    if len(g) != len(w):
+        raise RuntimeError(f"{len(g)} outputs instead of {len(w)}")
+    pairs = [(a, b) for a, b in zip(g, w) if isinstance(b, torch.Tensor) and b.is_floating_point()]
+    for a, b in pairs:
+        if tuple(a.shape) != tuple(b.shape):
+            raise RuntimeError(f"output shape {tuple(a.shape)} instead of {tuple(b.shape)}")
+    return {
+        "max_abs": max((metrics.max_abs(a, b) for a, b in pairs), default=0.0),
+        "rel_l2": max((metrics.rel_l2(a, b) for a, b in pairs), default=0.0),
+        "cosine": min((metrics.cosine(a, b) for a, b in pairs), default=1.0),
+    }
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@contextlib.contextmanager
+def _memory(device: str, out: dict[str, float]) -> Iterator[None]:
+    """GPU: peak allocated by torch. CPU: resident-set growth of the process during the mode."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield
+        torch.cuda.synchronize()
+        out["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        base = _rss_mb()
+        yield
+        out["peak_mem_mb"] = max(0.0, _rss_mb() - base)
+
+
+def time_runner(run: Runner, sets: Sequence[tuple[Any, ...]], settings: Settings) -> list[float]:
+    """Per-call latencies in ms over rotating inputs, after warm-up."""
+    for i in range(settings.warmup):
+        run(*sets[i % len(sets)])
+    if settings.device == "cuda":
+        from triton.testing import do_bench
+
+        state = {"i": 0}
+
+        def call() -> None:
+            state["i"] += 1
+            run(*sets[state["i"] % len(sets)])
+
+        ms = do_bench(
+            call, warmup=25, rep=max(100, int(settings.min_time_s * 1000)), return_mode="all"
+        )
+        return [float(t) for t in ms]
+    times: list[float] = []
+    start = time.perf_counter()
+    i = 0
+    while len(times) < settings.min_reps or time.perf_counter() - start < settings.min_time_s:
+        t0 = time.perf_counter()
+        run(*sets[i % len(sets)])
+        times.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+    return times
+
+
+def _to_device(x: Any, device: str) -> Any:
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, x)
+
+
+def bench_model(
+    name: str,
+    modes: Sequence[str],
+    batch: int,
+    settings: Settings,
+    on_mode: Callable[[str], None] | None = None,
+) -> list[Result]:
+    """Every mode of one model, in this process, on the same inputs."""
+    try:
+        model, inputs = build_model(name, batch)
+    except ModeUnavailable as exc:
+        return [Result(name, m, batch, "unavailable", str(exc)) for m in modes]
+    model = model.eval().to(settings.device)
+    inputs = _to_device(inputs, settings.device)
+    sets = [_to_device(s, settings.device) for s in input_sets(inputs, settings.rotate)]
+    check = sets[0]
+    with torch.no_grad():
+        reference = model(*check)
+    results = []
+    for mode in modes:
+        if on_mode:
+            on_mode(mode)
+        results.append(
+            _bench_mode(
+                name,
+                mode,
+                batch,
+                Setup(model, inputs, settings.device),
+                sets,
+                check,
+                reference,
+                settings,
+            )
+        )
+    eager = next((r for r in results if r.mode == "eager" and r.latency_ms), None)
+    for r in results:
+        if eager and r.latency_ms:
+            r.speedup = eager.latency_ms / r.latency_ms  # type: ignore[operator]
+    return results
+
+
+def _bench_mode(
+    name: str,
+    mode: str,
+    batch: int,
+    setup: Setup,
+    sets: list[tuple[Any, ...]],
+    check: tuple[Any, ...],
+    reference: Any,
+    settings: Settings,
+) -> Result:
+    result = Result(name, mode, batch)
+    if mode not in MODES:
+        result.status, result.reason = "failed", f"unknown mode {mode!r}"
+        return result
+    mem: dict[str, float] = {}
+    try:
+        with _memory(settings.device, mem):
+            t0 = time.perf_counter()
+            run = MODES[mode](setup)
+            result.compile_s = time.perf_counter() - t0
+            result.__dict__.update(output_errors(run(*check), reference))
+            times = time_runner(run, sets, settings)
+    except ModeUnavailable as exc:
+        result.status, result.reason = "unavailable", str(exc)
+        return result
+    except Exception as exc:  # a mode failing is a finding to report, not a crash
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        result.status, result.reason = "failed", f"{type(exc).__name__}: {first[:300]}"
+        return result
+    result.peak_mem_mb = mem.get("peak_mem_mb")
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    result.latency_ms, result.p10_ms, result.p90_ms = statistics.median(times), q[0], q[-1]
+    result.reps = len(times)
+    return result
+
+
+# -- scaling ---------------------------------------------------------------------------------------
+
+
+def batch_scaling(
+    models: Sequence[str],
+    modes: Sequence[str],
+    batches: Sequence[int],
+    settings: Settings,
+    progress: Callable[[str], None],
+) -> list[Result]:
+    out = []
+    for name in models:
+        for batch in batches:
+            progress(f"batch scaling: {name} batch {batch}")
+            out += bench_model(name, modes, batch, settings)
+    return out
+
+
+def compile_scaling(
+    depths: Sequence[int], settings: Settings, progress: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """graphopt -O1 compile time (and graph size) for zoo GPT decoders of growing depth."""
+    rows = []
+    for depth in depths:
+        progress(f"compile scaling: gpt with {depth} layers")
+        model, inputs = zoo.gpt(batch=2, layers=depth)
+        model, inputs = model.to(settings.device), _to_device(inputs, settings.device)
+        t0 = time.perf_counter()
+        compiled = graphopt.compile(model, inputs, pipeline="-O1")
+        total = time.perf_counter() - t0
+        nodes = compiled.report.records[0].nodes_before if compiled.report.records else 0
+        passes = sum(r.time_s + r.verify_s for r in compiled.report.records)
+        rows.append({"layers": depth, "nodes": nodes, "compile_s": total, "passes_s": passes})
+    return rows
+
+
+def growth_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Slope of log(y) against log(x): 1.0 is linear growth."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else None
+
+
+# -- environment and output ------------------------------------------------------------------------
+
+
+def environment(settings: Settings) -> dict[str, Any]:
+    def version(module: str) -> str:
+        try:
+            return str(__import__(module).__version__)
+        except Exception:
+            return "not installed"
+
+    device = torch.cuda.get_device_name() if settings.device == "cuda" else _cpu_name()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "device_kind": settings.device,
+        "threads": settings.threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "onnx": version("onnx"),
+        "onnxruntime": version("onnxruntime"),
+        "graphopt": graphopt.__version__,
+        "method": (
+            "all modes in one process; warm-up then median of rotating random inputs "
+            + (
+                "(triton.testing.do_bench)"
+                if settings.device == "cuda"
+                else f"(>= {settings.min_reps} calls and >= {settings.min_time_s} s, {settings.threads} threads)"
+            )
+        ),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    lines = [
+        "| model | batch | mode | median ms | p10-p90 ms | speedup vs eager | compile s | mem MB | max abs err | cosine | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        spread = "-" if r.p10_ms is None else f"{r.p10_ms:.3g}-{r.p90_ms:.3g}"
+        status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
+        lines.append(
+            f"| {r.model} | {r.batch} | {r.mode} | {_fmt(r.latency_ms, '.3f')} | {spread} | "
+            f"{_fmt(r.speedup, '.2f')} | {_fmt(r.compile_s, '.2f')} | {_fmt(r.peak_mem_mb, '.0f')} | "
+            f"{_fmt(r.max_abs, '.1e')} | {_fmt(r.cosine, '.6f')} | {status.replace('|', '/')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def compile_table(rows: Sequence[dict[str, Any]], exponent: float | None) -> str:
+    lines = [
+        "| gpt layers | graph nodes | graphopt -O1 compile s | of which passes + checks s |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['layers']} | {row['nodes']} | {row['compile_s']:.2f} | {row['passes_s']:.2f} |"
+        )
+    if exponent is not None:
+        lines.append(
+            f"\nGrowth exponent of compile time against graph size (log-log slope; 1.0 is linear): **{exponent:.2f}**"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class BenchReport:
+    env: dict[str, Any]
+    results: list[Result]
+    batch_scaling: list[Result] = field(default_factory=list)
+    compile_scaling: list[dict[str, Any]] = field(default_factory=list)
+    compile_exponent: float | None = None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        return json.dumps(data, indent=1, default=str)
+
+    def to_markdown(self, plots: Sequence[str] = ()) -> str:
+        env = self.env
+        parts = [
+            f"Measured {env['date']} on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
+            f"onnxruntime {env['onnxruntime']}, python {env['python']}. Method: {env['method']}.\n",
+            "Error columns compare each mode's outputs with eager fp32 on the same input.\n",
+            markdown_table(self.results),
+        ]
+        if self.batch_scaling:
+            parts += ["\n### Latency against batch size\n", markdown_table(self.batch_scaling)]
+        if self.compile_scaling:
+            parts += [
+                "\n### Compile time against model depth\n",
+                compile_table(self.compile_scaling, self.compile_exponent),
+            ]
+        parts += [f"\n![{Path(p).stem}]({p})\n" for p in plots]
+        return "\n".join(parts)
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+
+def parse_list(text: str | None, default: Sequence[str]) -> list[str]:
+    if text is None or text.strip() == "":
+        return list(default)
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise GraphoptError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise GraphoptError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def resolve_modes(text: str | None, device: str) -> list[str]:
+    default = DEFAULT_MODES + (GPU_EXTRA_MODES if device == "cuda" else [])
+    modes = parse_list(text, default)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise GraphoptError(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
+    if "eager" not in modes:
+        modes.insert(0, "eager")  # the baseline every speedup and error is relative to
+    return modes
+
+
+def resolve_models(text: str | None) -> list[str]:
+    models = parse_list(text, list(zoo.ZOO))
+    known = [*zoo.ZOO, *EXTERNAL_MODELS]
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise GraphoptError(f"unknown model(s) {', '.join(unknown)}; models: {', '.join(known)}")
+    return models
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated; default the zoo ({','.join(zoo.ZOO)}); also {','.join(EXTERNAL_MODELS)}",
+    )
+    p.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated; default {','.join(DEFAULT_MODES)} (+GPU modes on cuda)",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the main table")
+    p.add_argument(
+        "--out", default="bench-out", help="folder for results.json, results.md and plots"
+    )
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (fixed for every mode)")
+    p.add_argument(
+        "--min-time", type=float, default=0.5, help="seconds of timed calls per mode (CPU)"
+    )
+    p.add_argument("--min-reps", type=int, default=10, help="timed calls per mode at least (CPU)")
+    p.add_argument(
+        "--scaling-batches",
+        default="1,4,16,64,256",
+        help="batch sizes for the latency-vs-batch plot ('' to skip)",
+    )
+    p.add_argument(
+        "--scaling-models", default="resnet,bert", help="models for the latency-vs-batch plot"
+    )
+    p.add_argument(
+        "--scaling-modes", default="eager,graphopt-O1", help="modes for the latency-vs-batch plot"
+    )
+    p.add_argument(
+        "--depths",
+        default="2,4,8,16,32,48",
+        help="gpt depths for the compile-time plot ('' to skip)",
+    )
+    p.add_argument(
+        "--docs", default=None, help="also write this markdown page (e.g. docs/benchmarks.md)"
+    )
+
+
+def run(args: Any, console: Any) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from graphopt.tools import bench_plots
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise GraphoptError(
+            "--device cuda but torch.cuda.is_available() is False; use --device cpu"
+        )
+    settings = Settings(
+        device=args.device, threads=args.threads, min_reps=args.min_reps, min_time_s=args.min_time
+    )
+    torch.set_num_threads(settings.threads)
+    models = resolve_models(args.models)
+    modes = resolve_modes(args.modes, args.device)
+    batches = parse_ints(args.scaling_batches) if args.scaling_batches else []
+    depths = parse_ints(args.depths) if args.depths else []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = BenchReport(environment(settings), [])
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        steps = (
+            len(models) * len(modes)
+            + len(batches) * len(parse_list(args.scaling_models, []))
+            + len(depths)
+        )
+        task = progress.add_task("bench", total=steps)
+
+        def step(text: str) -> None:
+            progress.update(task, description=text, advance=1)
+
+        for name in models:
+            report.results += bench_model(
+                name, modes, args.batch, settings, lambda m, n=name: step(f"{n}: {m}")
+            )
+        if batches:
+            scale_modes = resolve_modes(args.scaling_modes, args.device)
+            report.batch_scaling = batch_scaling(
+                resolve_models(args.scaling_models), scale_modes, batches, settings, step
+            )
+        if depths:
+            report.compile_scaling = compile_scaling(depths, settings, step)
+            report.compile_exponent = growth_exponent(
+                [r["nodes"] for r in report.compile_scaling],
+                [r["compile_s"] for r in report.compile_scaling],
+            )
+    plots = [bench_plots.speedup_plot(report.results, out / "speedup.png")]
+    if report.batch_scaling:
+        plots.append(bench_plots.batch_plot(report.batch_scaling, out / "latency_vs_batch.png"))
+    if report.compile_scaling:
+        plots.append(bench_plots.compile_plot(report.compile_scaling, out / "compile_vs_depth.png"))
+    (out / "results.json").write_text(report.to_json())
+    (out / "results.md").write_text(report.to_markdown([p.name for p in plots]))
+    if args.docs:
+        write_docs(Path(args.docs), report, plots, args)
+    console.print(markdown_table(report.results), markup=False, highlight=False)
+    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(plots)} plot(s)")
+    return 0
+
+
+def write_docs(page: Path, report: BenchReport, plots: Sequence[Path], args: Any) -> None:
+    rel = [os.path.relpath(p, page.parent) for p in plots]
+    command = "graphopt bench " + " ".join(
+        f"--{k.replace('_', '-')} {v!r}"
+        if " " in str(v) or v == ""
+        else f"--{k.replace('_', '-')} {v}"
+        for k, v in sorted(vars(args).items())
+        if k not in ("func", "command", "docs") and v is not None
+    )
+    page.write_text(
+        "# Benchmarks\n\n"
+        "Written by `graphopt bench` (tools/bench.py); every figure below was measured in the run it "
+        "describes. GPU figures appear only after a run with `--device cuda` on a GPU machine; until "
+        "then they are unmeasured.\n\n"
+        f"Reproduce:\n\n```bash\n{command} --docs {page}\n```\n\n"
+        "Method: every mode of a model runs in one process on the same inputs; warm-up, then the "
+        "median of timed calls over rotating random inputs (CPU: a fixed thread count and "
+        "`time.perf_counter` per call; GPU: `triton.testing.do_bench`). Compile time is the wall time "
+        "to build the mode (for torch.compile, its first call). Memory: GPU, peak allocated by torch; "
+        "CPU, growth of the process's resident set while the mode is built and run (a rough figure). "
+        "Errors compare each mode's outputs with eager fp32 on the same input.\n\n"
+        "## Latest run\n\n" + report.to_markdown(rel)
+    )
