@@ -69,20 +69,7 @@ def propagate_meta(gm: GraphModule) -> None:
     """Recompute ``meta["val"]`` for every node of ``gm`` from its placeholders' metadata."""
     mode = fake_mode_of(gm)
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    with (
-        torch.fx.experimental.symbolic_shapes._suppress_guards(mode.shape_env)
-        if (mode.shape_env is not None)
-        else _nullcontext()
-    ):
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
 def attr_path(gm: GraphModule, target: str) -> Any:

@@ -55,6 +55,7 @@ class PassRecord:
     rewrites: int = 0
     error: float | None = None  # output error against float64 after the pass
     status: str = "unchanged"  # unchanged | ok | rolled back | skipped
+    runs: int = 0  # more than 1 inside a fixed-point group
     message: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     spent: dict[str, Any] = field(default_factory=dict)  # contract numbers (lossy budget spent)
@@ -152,9 +153,9 @@ class PassManager:
             return gm, False
         if self.on_event:
             self.on_event("start", record.name, None)
-        nodes_before = count_op_nodes(gm)
-        if record.time_s == 0.0:
-            record.nodes_before = nodes_before
+        if record.runs == 0:
+            record.nodes_before = count_op_nodes(gm)
+        record.runs += 1
         self.ctx.pass_name = p.name
         self.ctx.rewriters = []
         candidate = snapshot(gm)

@@ -84,15 +84,15 @@ class Rewriter:
         self._tag(node, sources)
         return node
 
-    def constant(
-        self, value: torch.Tensor, *, hint: str, before: Node, sources: Sequence[Node]
-    ) -> Node:
-        """Register a new weight tensor on the module and return a ``get_attr`` node for it."""
+    def constant(self, value: torch.Tensor, *, hint: str, sources: Sequence[Node]) -> Node:
+        """Register a new weight tensor on the module and return a ``get_attr`` node for it.
+
+        The node goes at the top of the graph, with the other weights, so it dominates every use.
+        """
         name = self._fresh_attr(hint)
         self.gm.register_buffer(name, value.detach(), persistent=True)
         first_op = next(n for n in self.gm.graph.nodes if n.op != "placeholder")
-        anchor = before if before.op in ("placeholder", "get_attr") else first_op
-        with self.gm.graph.inserting_before(anchor):
+        with self.gm.graph.inserting_before(first_op):
             node = self.gm.graph.get_attr(name)
         node.meta["val"] = self._mode.from_tensor(value, static_shapes=True)
         self._tag(node, sources)

@@ -58,8 +58,8 @@ def _fold(out: Node, bn_args: tuple[object, ...], eps: float, rw: Rewriter) -> b
     new_w = (w.to(f64) * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
     new_b = ((b.to(f64) * scale if b is not None else 0.0) + shift).to(w.dtype)
     sources = [layer, out]
-    w_node = rw.constant(new_w, hint=f"{layer.name}_weight_bn", before=layer, sources=sources)
-    b_node = rw.constant(new_b, hint=f"{layer.name}_bias_bn", before=layer, sources=sources)
+    w_node = rw.constant(new_w, hint=f"{layer.name}_weight_bn", sources=sources)
+    b_node = rw.constant(new_b, hint=f"{layer.name}_bias_bn", sources=sources)
     args = (layer.args[0], w_node, b_node, *layer.args[3:])
     folded = rw.call(layer.target, args, dict(layer.kwargs), before=out, sources=sources)
     rw.replace(out, folded)

@@ -58,7 +58,7 @@ class FoldConstants(Pass):
                 continue
             if not rw.allowed():
                 break
-            const = rw.constant(value, hint=f"folded_{node.name}", before=node, sources=[node])
+            const = rw.constant(value, hint=f"folded_{node.name}", sources=[node])
             rw.replace(node, const)
         return PassResult(rw.rewrites > 0, {"folded": rw.rewrites})
 

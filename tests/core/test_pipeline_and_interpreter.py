@@ -89,3 +89,16 @@ def test_run_one_evaluates_a_node_on_given_inputs() -> None:
     mul = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor)
     fed = {n.name: torch.ones(2, 4) for n in mul.all_input_nodes}
     assert torch.equal(runner.run_one(mul, fed), torch.full((2, 4), 3.0))
+
+
+def test_propagate_meta_recomputes_every_value() -> None:
+    from graphopt import zoo
+
+    model, inputs = zoo.get("gpt", batch=2)
+    gm = graphopt.capture(model, inputs)
+    expected = graphopt.format_graph(gm)
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            del node.meta["val"]
+    graphopt.propagate_meta(gm)
+    assert graphopt.format_graph(gm) == expected  # shapes (symbolic batch too) and dtypes
