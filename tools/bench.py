@@ -216,7 +216,7 @@ class Result:
     latency_ms: float | None = None  # median
     p10_ms: float | None = None
     p90_ms: float | None = None
-    reps: int = 0
+    reps: int = 0  # timed calls on the CPU; -1 on the GPU, where do_bench chooses
     compile_s: float | None = None
     peak_mem_mb: float | None = None
     max_abs: float | None = None
@@ -292,8 +292,16 @@ def _memory(device: str, out: dict[str, float]) -> Iterator[None]:
         out["peak_mem_mb"] = max(0.0, _rss_mb() - base)
 
 
-def time_runner(run: Runner, sets: Sequence[tuple[Any, ...]], settings: Settings) -> list[float]:
-    """Per-call latencies in ms over rotating inputs, after warm-up."""
+@dataclass
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    reps: int
+
+
+def time_runner(run: Runner, sets: Sequence[tuple[Any, ...]], settings: Settings) -> Timing:
+    """Latency of ``run`` over rotating inputs, after warm-up."""
     for i in range(settings.warmup):
         run(*sets[i % len(sets)])
     if settings.device == "cuda":
@@ -305,10 +313,9 @@ def time_runner(run: Runner, sets: Sequence[tuple[Any, ...]], settings: Settings
             state["i"] += 1
             run(*sets[state["i"] % len(sets)])
 
-        ms = do_bench(
-            call, warmup=25, rep=max(100, int(settings.min_time_s * 1000)), return_mode="all"
-        )
-        return [float(t) for t in ms]
+        rep_ms = max(100, int(settings.min_time_s * 1000))
+        p10, p50, p90 = do_bench(call, warmup=25, rep=rep_ms, quantiles=[0.1, 0.5, 0.9])
+        return Timing(float(p50), float(p10), float(p90), -1)  # do_bench picks the count
     times: list[float] = []
     start = time.perf_counter()
     i = 0
@@ -317,7 +324,8 @@ def time_runner(run: Runner, sets: Sequence[tuple[Any, ...]], settings: Settings
         run(*sets[i % len(sets)])
         times.append((time.perf_counter() - t0) * 1e3)
         i += 1
-    return times
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return Timing(statistics.median(times), q[0], q[-1], len(times))
 
 
 def _to_device(x: Any, device: str) -> Any:
@@ -386,7 +394,7 @@ def _bench_mode(
             run = MODES[mode](setup)
             result.compile_s = time.perf_counter() - t0
             result.__dict__.update(output_errors(run(*check), reference))
-            times = time_runner(run, sets, settings)
+            timing = time_runner(run, sets, settings)
     except ModeUnavailable as exc:
         result.status, result.reason = "unavailable", str(exc)
         return result
@@ -395,9 +403,8 @@ def _bench_mode(
         result.status, result.reason = "failed", f"{type(exc).__name__}: {first[:300]}"
         return result
     result.peak_mem_mb = mem.get("peak_mem_mb")
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    result.latency_ms, result.p10_ms, result.p90_ms = statistics.median(times), q[0], q[-1]
-    result.reps = len(times)
+    result.latency_ms, result.p10_ms, result.p90_ms = timing.median_ms, timing.p10_ms, timing.p90_ms
+    result.reps = timing.reps
     return result
 
 
