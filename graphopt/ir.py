@@ -6,6 +6,7 @@ Invariants every pass may assume and must keep are listed in ``passes/README.md`
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -42,6 +43,52 @@ def is_pure(node: Node) -> bool:
     if schema is not None and schema.is_mutable:
         return False
     return True
+
+
+# Ops that may return their input itself although their schema has no alias annotation.
+_MAY_RETURN_INPUT = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default}
+
+
+def _aliases_input(user: Node, node: Node) -> bool:
+    """Can ``user``'s result share memory with its argument ``node``?"""
+    if user.op != "call_function":
+        return False
+    if user.target is operator.getitem or user.target in _MAY_RETURN_INPUT:
+        return True
+    schema = getattr(user.target, "_schema", None)
+    if schema is None:
+        return False
+    aliased: set[str] = set()
+    for ret in schema.returns:
+        if ret.alias_info is not None:
+            aliased |= set(ret.alias_info.before_set)
+    for i, arg in enumerate(schema.arguments):
+        value = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
+        if (
+            value is node
+            and arg.alias_info is not None
+            and aliased & set(arg.alias_info.before_set)
+        ):
+            return True
+    return False
+
+
+def escapes_to_output(node: Node) -> bool:
+    """Does ``node``'s memory reach a graph output, directly or through views and aliases?
+
+    A pass must not make such a value share memory with an input, a weight or another output
+    (passes/README.md, invariant 5).
+    """
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if user.op == "output":
+                return True
+            if user not in seen and _aliases_input(user, current):
+                seen.add(user)
+                stack.append(user)
+    return False
 
 
 def tensor_val(node: Any) -> torch.Tensor | None:

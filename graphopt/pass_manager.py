@@ -116,6 +116,7 @@ class PassManager:
         self._inputs = list(flat_inputs)
         gm = snapshot(gm)
         self._outputs = native_run(gm, self._inputs)[0] if self.verify else []
+        self._aliases = self._verifier.alias_pairs(self._outputs, gm) if self._verifier else set()
         if self._verifier is not None:
             report.baseline_error = self._verifier.output_error(self._outputs)
         if self.keep_snapshots:
@@ -195,10 +196,16 @@ class PassManager:
         verdict = self._verifier.judge(contract, self._outputs, outputs)
         record.error = verdict.error
         record.spent = verdict.metrics
-        if verdict.ok:
-            self._outputs = outputs
+        aliases = self._verifier.alias_pairs(outputs, after)
+        new_aliases = aliases - self._aliases
+        if verdict.ok and not new_aliases:
+            self._outputs, self._aliases = outputs, aliases
             return True
-        error: EquivalenceError = self._verifier.localize(p.name, contract, verdict, before, after)
+        error: EquivalenceError = (
+            self._verifier.localize(p.name, contract, verdict, before, after)
+            if not verdict.ok
+            else self._verifier.aliasing_error(p.name, new_aliases, after)
+        )
         if self.on_fail == "raise":
             raise error
         record.status = "rolled back"

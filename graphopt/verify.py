@@ -17,7 +17,7 @@ from torch.fx import GraphModule, Node
 from graphopt import metrics
 from graphopt.errors import EquivalenceError
 from graphopt.interpreter import Runner, native_run, reference_run
-from graphopt.ir import original_name, short_target
+from graphopt.ir import original_name, short_target, tensors_of
 from graphopt.passes_base import LOSSY_METRICS, Contract
 
 
@@ -33,12 +33,18 @@ def _is_float(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bitwise_equal(a: Any, b: Any) -> bool:
+    """Equal bit patterns (so -0.0 differs from 0.0); any NaN equals any NaN."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        if a.shape != b.shape or a.dtype != b.dtype:
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
             return False
         if a.is_floating_point():
-            return bool(((a == b) | (a.isnan() & b.isnan())).all())
+            as_int = _SAME_WIDTH_INT[a.element_size()]
+            same_bits = a.contiguous().view(as_int) == b.contiguous().view(as_int)
+            return bool((same_bits | (a.isnan() & b.isnan())).all())
         return torch.equal(a, b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_bitwise_equal(x, y) for x, y in zip(a, b))
@@ -107,6 +113,57 @@ class Verifier:
             if not ok:
                 return Verdict(False, error, f"output {i}: {why}", spent)
         return Verdict(True, error, "", spent)
+
+    # -- aliasing -------------------------------------------------------------------------------
+
+    def alias_pairs(self, outputs: Sequence[Any], gm: GraphModule) -> set[tuple[str, int, int]]:
+        """Which outputs share memory with an input (``("input", i, j)``), a weight
+        (``("weight", -1, j)``) or an earlier output (``("output", i, j)``)."""
+
+        def ptr(t: torch.Tensor) -> int:
+            return t.untyped_storage().data_ptr()
+
+        inputs = {
+            ptr(t): i
+            for i, t in enumerate(self.inputs)
+            if isinstance(t, torch.Tensor) and t.numel()
+        }
+        weights = {ptr(t) for t in tensors_of(gm) if t.numel()}
+        pairs: set[tuple[str, int, int]] = set()
+        first: dict[int, int] = {}
+        for j, out in enumerate(outputs):
+            if not isinstance(out, torch.Tensor) or out.numel() == 0:
+                continue
+            p = ptr(out)
+            if p in inputs:
+                pairs.add(("input", inputs[p], j))
+            if p in weights:
+                pairs.add(("weight", -1, j))
+            if p in first:
+                pairs.add(("output", first[p], j))
+            first.setdefault(p, j)
+        return pairs
+
+    def aliasing_error(
+        self, pass_name: str, new: set[tuple[str, int, int]], after: GraphModule
+    ) -> EquivalenceError:
+        kind, i, j = sorted(new)[0]
+        other = {"input": f"graph input {i}", "weight": "a stored weight", "output": f"output {i}"}[
+            kind
+        ]
+        returned = after.graph.output_node().args[0]
+        node = returned[j] if isinstance(returned, (list, tuple)) and j < len(returned) else None
+        where = f" (%{node.name}, {short_target(node)})" if isinstance(node, Node) else ""
+        return EquivalenceError(
+            f"pass {pass_name!r} made output {j}{where} share memory with {other}, which it did "
+            "not before: values are equal but writing to one would change the other (new "
+            f"aliasing, passes/README.md invariant 5). Leave {pass_name!r} out of the pipeline; "
+            "the pass must keep the copy",
+            pass_name=pass_name,
+            node=node.name if isinstance(node, Node) else None,
+            op=short_target(node) if isinstance(node, Node) else None,
+            kind="aliasing",
+        )
 
     # -- localization ---------------------------------------------------------------------------
 

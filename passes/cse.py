@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir import is_pure
+from graphopt.ir import escapes_to_output, is_pure
 from graphopt.pass_manager import PassContext
 from graphopt.passes_base import Contract, Pass, PassResult, register_pass
 
@@ -30,8 +30,9 @@ def _key(value: Any) -> Any:
 
 
 def _would_alias_outputs(dup: Node, first: Node) -> bool:
-    """Merging two graph outputs would return one tensor twice: a new alias the user can see."""
-    return any(u.op == "output" for u in dup.users) and any(u.op == "output" for u in first.users)
+    """Merging two values that both reach graph outputs would return one memory twice: a new
+    alias the user can see."""
+    return escapes_to_output(dup) and escapes_to_output(first)
 
 
 @register_pass

@@ -9,7 +9,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.interpreter import Runner
-from graphopt.ir import attr_path, is_pure
+from graphopt.ir import attr_path, escapes_to_output, is_pure
 from graphopt.pass_manager import PassContext
 from graphopt.passes_base import Contract, Pass, PassResult, register_pass
 
@@ -53,6 +53,8 @@ class FoldConstants(Pass):
             if node.op != "call_function" or node._erased or not isinstance(value, torch.Tensor):
                 continue
             if _is_creation(node) or all(u.name in values for u in node.users):
+                continue
+            if escapes_to_output(node):  # an output must stay a fresh tensor, not a stored one
                 continue
             if value.numel() * value.element_size() > self.max_bytes:
                 continue

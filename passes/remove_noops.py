@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from graphopt.ir import escapes_to_output
 from graphopt.pass_manager import PassContext
 from graphopt.passes_base import Contract, Pass, PassResult, register_pass
 from graphopt.rewriter import Rewriter, apply_rules
@@ -28,11 +29,11 @@ def _same_tensor_type(node: Node, src: Node) -> bool:
 
 
 def _copy_is_removable(node: Node) -> bool:
-    """A copy may go only if nothing could tell: no user mutates it and it is not an output
-    (an output would then alias a graph input or weight, or another output)."""
+    """A copy may go only if nothing could tell: its memory never reaches an output (which would
+    then alias a graph input, a weight or another output) and no user mutates it."""
+    if escapes_to_output(node):
+        return False
     for user in node.users:
-        if user.op == "output":
-            return False
         schema = getattr(user.target, "_schema", None)
         if schema is not None and schema.is_mutable:
             return False

@@ -168,3 +168,67 @@ def test_rounding_allows_reordering_within_twice_the_baseline_error() -> None:
     assert rounding_floor(torch.float32) == 1e-5
     assert rounding_floor(torch.float16) > rounding_floor(torch.float32)
     assert math.isinf(graphopt.metrics.sqnr(torch.ones(3), torch.ones(3)))
+
+
+def _drop_add_zero(node: Node, rw: Rewriter) -> bool:
+    # add(x, 0.0) -> x: wrong for x = -0.0 (gives -0.0 instead of +0.0)
+    if node.args[1] != 0.0:
+        return False
+    rw.replace(node, node.args[0])
+    return True
+
+
+@register_pass
+@dataclass(frozen=True)
+class DropAddZero(Pass):
+    name = "test-drop-add-zero"
+    contract = Contract.exact()
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        rw = ctx.rewriter(gm)
+        apply_rules(gm, [((aten.add.Tensor,), _drop_add_zero)], rw)
+        return PassResult(rw.rewrites > 0)
+
+
+class NegZero(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -torch.relu(x) + 0.0
+
+
+def test_exact_contract_sees_the_sign_of_zero() -> None:
+    x = (torch.arange(8.0) - 4).reshape(2, 4)  # relu gives zeros, negated to -0.0
+    with pytest.raises(graphopt.EquivalenceError, match="differs bitwise"):
+        graphopt.compile(NegZero(), (x,), pipeline="test-drop-add-zero", on_fail="raise")
+
+
+def _drop_clone(node: Node, rw: Rewriter) -> bool:
+    # clone(x) -> x: wrong when the clone is returned (output would alias the input)
+    rw.replace(node, node.args[0])
+    return True
+
+
+@register_pass
+@dataclass(frozen=True)
+class DropEveryClone(Pass):
+    name = "test-drop-every-clone"
+    contract = Contract.exact()
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        rw = ctx.rewriter(gm)
+        apply_rules(gm, [((aten.clone.default,), _drop_clone)], rw)
+        return PassResult(rw.rewrites > 0)
+
+
+class ReturnsCopy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+def test_new_aliasing_is_caught_even_when_values_are_equal() -> None:
+    x = torch.randn(2, 3)
+    with pytest.raises(graphopt.EquivalenceError, match="share memory with graph input 0") as info:
+        graphopt.compile(ReturnsCopy(), (x,), pipeline="test-drop-every-clone", on_fail="raise")
+    assert info.value.kind == "aliasing"
+    with pytest.warns(graphopt.EquivalenceWarning):
+        compiled = graphopt.compile(ReturnsCopy(), (x,), pipeline="test-drop-every-clone")
+    assert compiled(x).data_ptr() != x.data_ptr()

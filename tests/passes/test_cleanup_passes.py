@@ -127,3 +127,51 @@ def test_cleanup_group_reaches_fixed_point() -> None:
     again = run_pipeline(Noops(), (torch.randn(4, 5),), "cleanup,cleanup")
     assert sum(r.rewrites for r in again.report.records[4:]) == 0
     _assert_exact(run)
+
+
+# -- no new aliasing (passes/README.md invariant 5) ------------------------------------------------
+
+
+def _storages(values: list[torch.Tensor]) -> list[int]:
+    return [v.untyped_storage().data_ptr() for v in values]
+
+
+class CopyThenView(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.clone().detach(), x.clone().reshape(x.shape)
+
+
+def test_remove_noops_keeps_copies_whose_memory_reaches_an_output() -> None:
+    x = torch.randn(3, 8)
+    run = run_pipeline(CopyThenView(), (x,), "remove-noops")
+    outs = run.outputs()[1]
+    assert x.untyped_storage().data_ptr() not in _storages(outs)
+    assert len(set(_storages(outs))) == 2
+
+
+class DupBehindView(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.relu(x), torch.relu(x).detach()
+
+
+def test_cse_does_not_merge_values_that_both_reach_outputs() -> None:
+    run = run_pipeline(DupBehindView(), (torch.randn(3, 4),), "cse")
+    assert run.rewrites == 0
+    assert len(set(_storages(run.outputs()[1]))) == 2
+
+
+class WeightOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + 1, self.w * 2
+
+
+def test_fold_constants_does_not_return_a_stored_buffer() -> None:
+    run = run_pipeline(WeightOutput(), (torch.randn(2, 8),), "fold-constants")
+    assert run.rewrites == 0
+    first = run.after(torch.randn(2, 8))[1]
+    first.zero_()
+    assert run.after(torch.randn(2, 8))[1].abs().sum() > 0  # later calls are not corrupted
