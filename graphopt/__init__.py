@@ -13,6 +13,7 @@ from graphopt.errors import (
     EquivalenceError,
     GraphoptError,
     InputMismatchError,
+    PassError,
     PipelineError,
     SerializationError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "OPT_LEVELS",
     "Pass",
     "PassContext",
+    "PassError",
     "PassManager",
     "PassResult",
     "PipelineError",

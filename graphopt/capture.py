@@ -96,8 +96,11 @@ def capture(
         }
         ep = None
         if dynamic_batch:
+            # export specializes size-1 dims, so a batch-1 example is traced at batch 2
+            wide_args, wide_kwargs = pytree.tree_map(_widen_batch, (args, kwargs))
             try:
-                ep = _export(model, args, kwargs, _batch_dims(model, args, kwargs))
+                dims = _batch_dims(model, wide_args, wide_kwargs)
+                ep = _export(model, wide_args, wide_kwargs, dims)
                 info["dynamic_batch"] = True
             except Exception as exc:
                 info["static_reason"] = f"{type(exc).__name__}: {_first_line(exc)}"
@@ -161,6 +164,12 @@ def _export(
 ) -> Any:
     with _quiet_failures():
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+
+
+def _widen_batch(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1:
+        return x.repeat(2, *([1] * (x.dim() - 1)))
+    return x
 
 
 def _fresh(x: Any) -> Any:

@@ -30,6 +30,10 @@ class SerializationError(GraphoptError):
     """A saved graphopt model could not be written or read back."""
 
 
+class PassError(GraphoptError):
+    """A pass crashed (raised an exception) while rewriting the graph."""
+
+
 class EquivalenceError(GraphoptError):
     """A pass broke its numerical contract; carries the evidence.
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch.fx import GraphModule
 
-from graphopt.errors import EquivalenceError, GraphoptError
+from graphopt.errors import EquivalenceError, GraphoptError, PassError
 from graphopt.interpreter import native_run
 from graphopt.ir import count_op_nodes, format_graph, snapshot
 from graphopt.passes_base import FixedPoint, Pass, PipelineItem, parse_pipeline
@@ -161,9 +161,13 @@ class PassManager:
         self.ctx.rewriters = []
         candidate = snapshot(gm)
         t0 = time.perf_counter()
-        result = p.run(candidate, self.ctx)
-        for rw in self.ctx.rewriters:
-            rw.finish()
+        try:
+            result = p.run(candidate, self.ctx)
+            for rw in self.ctx.rewriters:
+                rw.finish()
+        except Exception as exc:  # a bug in a pass must not take the compile down with it
+            record.time_s += time.perf_counter() - t0
+            return self._crashed(gm, p, record, exc), False
         record.time_s += time.perf_counter() - t0
         rewrites = sum(rw.rewrites for rw in self.ctx.rewriters)
         _check_invariants(candidate, p.name)
@@ -188,6 +192,20 @@ class PassManager:
         if self.on_event:
             self.on_event("end", record.name, record)
         return gm, changed and keep
+
+    def _crashed(self, gm: GraphModule, p: Pass, record: PassRecord, exc: Exception) -> GraphModule:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        error = PassError(
+            f"pass {p.spec()!r} crashed with {type(exc).__name__}: {first}. The graph is left as "
+            f"it was before the pass; leave {p.name!r} out of the pipeline and report the bug"
+        )
+        if self.on_fail == "raise":
+            raise error from exc
+        record.status, record.message = "rolled back", str(error)
+        warnings.warn(f"rolled back: {error}", EquivalenceWarning, stacklevel=4)
+        if self.on_event:
+            self.on_event("end", record.name, record)
+        return gm
 
     def _check(self, before: GraphModule, after: GraphModule, p: Pass, record: PassRecord) -> bool:
         assert self._verifier is not None

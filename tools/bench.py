@@ -199,7 +199,12 @@ MODES: dict[str, Callable[[Setup], Runner]] = {
     **{f"graphopt{level}": _graphopt(level) for level in OPT_LEVELS},
     "onnxruntime": _onnxruntime,
 }
-DEFAULT_MODES = ["eager", "torch.compile", "graphopt-O1", "graphopt-O2", "onnxruntime"]
+DEFAULT_MODES = [
+    "eager",
+    "torch.compile",
+    *(f"graphopt{level}" for level in OPT_LEVELS),
+    "onnxruntime",
+]
 GPU_EXTRA_MODES = ["eager-fp16", "eager-bf16", "torch.compile-max-autotune"]
 
 
@@ -233,6 +238,7 @@ class Settings:
     min_reps: int = 10
     min_time_s: float = 0.5
     rotate: int = 4
+    rounds: int = 5  # CPU: modes take turns this many times
 
 
 def random_like(x: Any, generator: torch.Generator) -> Any:
@@ -300,32 +306,50 @@ class Timing:
     reps: int
 
 
-def time_runner(run: Runner, sets: Sequence[tuple[Any, ...]], settings: Settings) -> Timing:
-    """Latency of ``run`` over rotating inputs, after warm-up."""
-    for i in range(settings.warmup):
-        run(*sets[i % len(sets)])
-    if settings.device == "cuda":
-        from triton.testing import do_bench
-
-        state = {"i": 0}
-
-        def call() -> None:
-            state["i"] += 1
-            run(*sets[state["i"] % len(sets)])
-
-        rep_ms = max(100, int(settings.min_time_s * 1000))
-        p10, p50, p90 = do_bench(call, warmup=25, rep=rep_ms, quantiles=[0.1, 0.5, 0.9])
-        return Timing(float(p50), float(p10), float(p90), -1)  # do_bench picks the count
-    times: list[float] = []
-    start = time.perf_counter()
-    i = 0
-    while len(times) < settings.min_reps or time.perf_counter() - start < settings.min_time_s:
-        t0 = time.perf_counter()
-        run(*sets[i % len(sets)])
-        times.append((time.perf_counter() - t0) * 1e3)
-        i += 1
+def _summary(times: list[float]) -> Timing:
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return Timing(statistics.median(times), q[0], q[-1], len(times))
+
+
+def time_runners(
+    runs: Sequence[Runner], sets: Sequence[tuple[Any, ...]], settings: Settings
+) -> list[Timing]:
+    """Latency of each runner over rotating inputs, after warm-up.
+
+    CPU: the runners take turns in ``settings.rounds`` rounds, so a slow spell of a shared machine
+    lands on every mode rather than on whichever ran then. GPU: ``triton.testing.do_bench``.
+    """
+    for run in runs:
+        for i in range(settings.warmup):
+            run(*sets[i % len(sets)])
+    if settings.device == "cuda":
+        return [_do_bench(run, sets, settings) for run in runs]
+    times: list[list[float]] = [[] for _ in runs]
+    reps = max(1, math.ceil(settings.min_reps / settings.rounds))
+    budget = settings.min_time_s / settings.rounds
+    for _ in range(settings.rounds):
+        for run, out in zip(runs, times):
+            start, i = time.perf_counter(), 0
+            while i < reps or time.perf_counter() - start < budget:
+                t0 = time.perf_counter()
+                run(*sets[(len(out)) % len(sets)])
+                out.append((time.perf_counter() - t0) * 1e3)
+                i += 1
+    return [_summary(t) for t in times]
+
+
+def _do_bench(run: Runner, sets: Sequence[tuple[Any, ...]], settings: Settings) -> Timing:
+    from triton.testing import do_bench
+
+    state = {"i": 0}
+
+    def call() -> None:
+        state["i"] += 1
+        run(*sets[state["i"] % len(sets)])
+
+    rep_ms = max(100, int(settings.min_time_s * 1000))
+    p10, p50, p90 = do_bench(call, warmup=25, rep=rep_ms, quantiles=[0.1, 0.5, 0.9])
+    return Timing(float(p50), float(p10), float(p90), -1)  # do_bench picks the count
 
 
 def _to_device(x: Any, device: str) -> Any:
@@ -350,21 +374,27 @@ def bench_model(
     check = sets[0]
     with torch.no_grad():
         reference = model(*check)
-    results = []
+    setup = Setup(model, inputs, settings.device)
+    results, runs = [], []
     for mode in modes:
         if on_mode:
             on_mode(mode)
-        results.append(
-            _bench_mode(
-                name,
-                mode,
-                batch,
-                Setup(model, inputs, settings.device),
-                sets,
-                check,
-                reference,
-                settings,
-            )
+        result, run = _prepare_mode(name, mode, batch, setup, check, reference, settings)
+        results.append(result)
+        runs.append(run)
+    ready = [(r, run) for r, run in zip(results, runs) if run is not None]
+    try:
+        timings = time_runners([run for _, run in ready], sets, settings)
+    except Exception as exc:  # a mode that worked once and then failed while timed
+        for r, _ in ready:
+            r.status, r.reason = "failed", f"while timing: {_one_line(exc)}"
+        return results
+    for (r, _), timing in zip(ready, timings):
+        r.latency_ms, r.p10_ms, r.p90_ms, r.reps = (
+            timing.median_ms,
+            timing.p10_ms,
+            timing.p90_ms,
+            timing.reps,
         )
     eager = next((r for r in results if r.mode == "eager" and r.latency_ms), None)
     for r in results:
@@ -373,20 +403,25 @@ def bench_model(
     return results
 
 
-def _bench_mode(
+def _one_line(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def _prepare_mode(
     name: str,
     mode: str,
     batch: int,
     setup: Setup,
-    sets: list[tuple[Any, ...]],
     check: tuple[Any, ...],
     reference: Any,
     settings: Settings,
-) -> Result:
+) -> tuple[Result, Runner | None]:
+    """Build (compile) one mode, measure its compile time and memory, check its outputs."""
     result = Result(name, mode, batch)
     if mode not in MODES:
         result.status, result.reason = "failed", f"unknown mode {mode!r}"
-        return result
+        return result, None
     mem: dict[str, float] = {}
     try:
         with _memory(settings.device, mem):
@@ -394,18 +429,14 @@ def _bench_mode(
             run = MODES[mode](setup)
             result.compile_s = time.perf_counter() - t0
             result.__dict__.update(output_errors(run(*check), reference))
-            timing = time_runner(run, sets, settings)
     except ModeUnavailable as exc:
         result.status, result.reason = "unavailable", str(exc)
-        return result
+        return result, None
     except Exception as exc:  # a mode failing is a finding to report, not a crash
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        result.status, result.reason = "failed", f"{type(exc).__name__}: {first[:300]}"
-        return result
+        result.status, result.reason = "failed", _one_line(exc)
+        return result, None
     result.peak_mem_mb = mem.get("peak_mem_mb")
-    result.latency_ms, result.p10_ms, result.p90_ms = timing.median_ms, timing.p10_ms, timing.p90_ms
-    result.reps = timing.reps
-    return result
+    return result, run
 
 
 # -- scaling ---------------------------------------------------------------------------------------
@@ -482,7 +513,8 @@ def environment(settings: Settings) -> dict[str, Any]:
             + (
                 "(triton.testing.do_bench)"
                 if settings.device == "cuda"
-                else f"(>= {settings.min_reps} calls and >= {settings.min_time_s} s, {settings.threads} threads)"
+                else f"(modes take turns in {settings.rounds} rounds; per mode >= {settings.min_reps} calls "
+                f"and >= {settings.min_time_s} s; {settings.threads} threads)"
             )
         ),
     }
@@ -625,6 +657,7 @@ def add_arguments(p: Any) -> None:
         "--min-time", type=float, default=0.5, help="seconds of timed calls per mode (CPU)"
     )
     p.add_argument("--min-reps", type=int, default=10, help="timed calls per mode at least (CPU)")
+    p.add_argument("--rounds", type=int, default=5, help="CPU: modes take turns this many times")
     p.add_argument(
         "--scaling-batches",
         default="1,4,16,64,256",
@@ -634,7 +667,9 @@ def add_arguments(p: Any) -> None:
         "--scaling-models", default="resnet,bert", help="models for the latency-vs-batch plot"
     )
     p.add_argument(
-        "--scaling-modes", default="eager,graphopt-O1", help="modes for the latency-vs-batch plot"
+        "--scaling-modes",
+        default="eager,torch.compile,graphopt-O1,onnxruntime",
+        help="modes for the latency-vs-batch plot",
     )
     p.add_argument(
         "--depths",
@@ -656,7 +691,11 @@ def run(args: Any, console: Any) -> int:
             "--device cuda but torch.cuda.is_available() is False; use --device cpu"
         )
     settings = Settings(
-        device=args.device, threads=args.threads, min_reps=args.min_reps, min_time_s=args.min_time
+        device=args.device,
+        threads=args.threads,
+        min_reps=args.min_reps,
+        min_time_s=args.min_time,
+        rounds=args.rounds,
     )
     torch.set_num_threads(settings.threads)
     models = resolve_models(args.models)

@@ -106,7 +106,7 @@ def test_end_to_end_cpu_run_writes_json_table_and_plots(tmp_path: Path) -> None:
     code = main([
         "bench", "--models", "mlp", "--modes", "eager,graphopt-O1", "--batch", "4",
         "--out", str(out), "--min-time", "0", "--min-reps", "3",
-        "--scaling-batches", "1,2", "--scaling-models", "mlp", "--depths", "1,2", "--docs", str(docs),
+        "--scaling-batches", "1,2", "--scaling-models", "mlp", "--scaling-modes", "eager,graphopt-O1", "--depths", "1,2", "--docs", str(docs),
     ])  # fmt: skip
     assert code == 0
     data = json.loads((out / "results.json").read_text())

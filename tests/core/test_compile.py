@@ -33,6 +33,18 @@ def test_zoo_model_at_O1_matches_eager_and_takes_other_batches(name: str) -> Non
     _close(compiled(*other), model(*other))
 
 
+@pytest.mark.parametrize("name", ["bert", "resnet"])
+def test_batch_one_example_still_gives_a_dynamic_batch(name: str) -> None:
+    model, inputs = zoo.get(name, batch=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graphopt.StaticShapeWarning)
+        compiled = graphopt.compile(model, inputs)
+    assert compiled.report.capture["dynamic_batch"] is True
+    _close(compiled(*inputs), model(*inputs))
+    _, other = zoo.get(name, batch=3)
+    _close(compiled(*other), model(*other))
+
+
 def test_fold_bn_shrinks_the_cnn() -> None:
     model, inputs = zoo.get("resnet", batch=2)
     compiled = graphopt.compile(model, inputs)

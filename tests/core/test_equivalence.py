@@ -232,3 +232,22 @@ def test_new_aliasing_is_caught_even_when_values_are_equal() -> None:
     with pytest.warns(graphopt.EquivalenceWarning):
         compiled = graphopt.compile(ReturnsCopy(), (x,), pipeline="test-drop-every-clone")
     assert compiled(x).data_ptr() != x.data_ptr()
+
+
+@register_pass
+@dataclass(frozen=True)
+class Crashes(Pass):
+    name = "test-crashes"
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        raise KeyError("missing thing")
+
+
+def test_a_crashing_pass_is_rolled_back_or_raised() -> None:
+    model, x = Net().eval(), _inputs()
+    with pytest.warns(graphopt.EquivalenceWarning, match="test-crashes' crashed with KeyError"):
+        compiled = graphopt.compile(model, x, pipeline="test-crashes,dce")
+    assert [r.status for r in compiled.report.records] == ["rolled back", "unchanged"]
+    torch.testing.assert_close(compiled(*x), model(*x))
+    with pytest.raises(graphopt.PassError, match="crashed with KeyError: 'missing thing'"):
+        graphopt.compile(model, x, pipeline="test-crashes", on_fail="raise")

@@ -16,6 +16,7 @@ from graphopt.errors import (
     CaptureError,
     EquivalenceError,
     InputMismatchError,
+    PassError,
     PipelineError,
     SerializationError,
 )
@@ -26,6 +27,7 @@ def test_every_error_is_a_graphopt_error() -> None:
         CaptureError,
         EquivalenceError,
         InputMismatchError,
+        PassError,
         PipelineError,
         SerializationError,
     ):
