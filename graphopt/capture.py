@@ -196,7 +196,8 @@ def _has_symbolic_batch(gm: GraphModule) -> bool:
 
 
 def normalize(gm: GraphModule) -> None:
-    """Drop export's trace-time guard calls, which graphopt replaces by its own input checks."""
+    """Drop export's trace-time guards and per-call input validation, which graphopt replaces by
+    its own input checks (cheaper, and with messages that say expected versus got)."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
@@ -204,6 +205,8 @@ def normalize(gm: GraphModule) -> None:
             gm.graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
+    # export's per-call range check; graphopt.compiled.InputSignature checks inputs instead
+    gm.validate_inputs = False
     gm.graph.lint()
     gm.recompile()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import zipfile
@@ -32,33 +33,55 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class InputSignature:
-    """What a compiled model accepts: arity, keyword names, and each tensor's dtype/rank/device."""
+    """What a compiled model accepts: arity, keyword names, each tensor's dtype/rank/device and
+    static dims, and whether all inputs share one (dynamic) batch size."""
 
     n_args: int
     kwarg_names: tuple[str, ...]
     leaves: tuple[TensorSpec | None, ...]  # None for non-tensor leaves
     dynamic_batch: bool
+    shared_batch: bool = False
 
     @staticmethod
     def of(args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_batch: bool) -> InputSignature:
-        leaves = []
+        leaves: list[TensorSpec | None] = []
+        batches = set()
         for leaf in pytree.tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
                 shape = tuple(
                     None if (i == 0 and dynamic_batch) else int(d) for i, d in enumerate(leaf.shape)
                 )
                 leaves.append(TensorSpec(str(leaf.dtype), shape, leaf.device.type))
+                if leaf.dim() >= 1:
+                    batches.add(int(leaf.shape[0]))
             else:
                 leaves.append(None)
-        return InputSignature(len(args), tuple(sorted(kwargs)), tuple(leaves), dynamic_batch)
+        shared = dynamic_batch and len(batches) == 1
+        return InputSignature(
+            len(args), tuple(sorted(kwargs)), tuple(leaves), dynamic_batch, shared
+        )
+
+    @functools.cached_property
+    def _expected(
+        self,
+    ) -> tuple[tuple[int, torch.dtype, str, int, tuple[tuple[int, int], ...]], ...]:
+        """Per tensor leaf: (index, dtype, device type, rank, static dims) for the fast check."""
+        out = []
+        for i, spec in enumerate(self.leaves):
+            if spec is not None:
+                dtype = getattr(torch, spec.dtype.replace("torch.", ""))
+                static = tuple((j, d) for j, d in enumerate(spec.shape) if d is not None)
+                out.append((i, dtype, spec.device, len(spec.shape), static))
+        return tuple(out)
 
     def check(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise InputMismatchError unless the call matches; cheap when it does."""
         if len(args) != self.n_args:
             raise InputMismatchError(
                 f"compiled model called with {len(args)} positional argument(s), expected "
                 f"{self.n_args} (as in example_inputs)"
             )
-        if tuple(sorted(kwargs)) != self.kwarg_names:
+        if len(kwargs) != len(self.kwarg_names) or any(k not in kwargs for k in self.kwarg_names):
             raise InputMismatchError(
                 f"compiled model called with keyword arguments {sorted(kwargs)}, expected "
                 f"{list(self.kwarg_names)}"
@@ -69,29 +92,44 @@ class InputSignature:
                 f"compiled model called with {len(leaves)} input tensors/values in its arguments' "
                 f"structure, expected {len(self.leaves)}"
             )
-        for i, (leaf, spec) in enumerate(zip(leaves, self.leaves)):
-            if spec is None:
-                continue
-            if not isinstance(leaf, torch.Tensor):
-                raise InputMismatchError(
-                    f"input {i}: expected a tensor {spec.describe()}, got {type(leaf).__name__}"
-                )
-            got = TensorSpec(str(leaf.dtype), tuple(leaf.shape), leaf.device.type)
-            bad_shape = len(got.shape) != len(spec.shape) or any(
-                e is not None and e != g for e, g in zip(spec.shape, got.shape)
+        batch = None
+        for i, dtype, device, rank, static in self._expected:
+            leaf = leaves[i]
+            if not (
+                isinstance(leaf, torch.Tensor)
+                and leaf.dtype is dtype
+                and leaf.dim() == rank
+                and leaf.device.type == device
+                and all(leaf.shape[j] == d for j, d in static)
+            ):
+                raise self._mismatch(i, leaf)
+            if self.shared_batch and rank >= 1:
+                if batch is None:
+                    batch = (i, leaf.shape[0])
+                elif leaf.shape[0] != batch[1]:
+                    raise InputMismatchError(
+                        f"inputs {batch[0]} and {i} must have the same batch size (dim 0), as in "
+                        f"example_inputs; got {batch[1]} and {leaf.shape[0]}"
+                    )
+
+    def _mismatch(self, i: int, leaf: Any) -> InputMismatchError:
+        spec = self.leaves[i]
+        assert spec is not None
+        if not isinstance(leaf, torch.Tensor):
+            return InputMismatchError(
+                f"input {i}: expected a tensor {spec.describe()}, got {type(leaf).__name__}"
             )
-            if got.dtype != spec.dtype or got.device != spec.device or bad_shape:
-                what = (
-                    "dtype"
-                    if got.dtype != spec.dtype
-                    else "device"
-                    if got.device != spec.device
-                    else ("rank" if len(got.shape) != len(spec.shape) else "shape")
-                )
-                hint = " (* is the dynamic batch dimension)" if self.dynamic_batch else ""
-                raise InputMismatchError(
-                    f"input {i}: wrong {what}: expected {spec.describe()}, got {got.describe()}{hint}"
-                )
+        got = TensorSpec(str(leaf.dtype), tuple(leaf.shape), leaf.device.type)
+        if got.dtype != spec.dtype:
+            what = "dtype"
+        elif got.device != spec.device:
+            what = "device"
+        else:
+            what = "rank" if len(got.shape) != len(spec.shape) else "shape"
+        hint = " (* is the dynamic batch dimension)" if self.dynamic_batch else ""
+        return InputMismatchError(
+            f"input {i}: wrong {what}: expected {spec.describe()}, got {got.describe()}{hint}"
+        )
 
 
 class CompiledModule(torch.nn.Module):
@@ -165,6 +203,7 @@ def save(compiled: CompiledModule, path: str | Path) -> None:
         "pipeline": compiled.pipeline,
         "target": compiled.target,
         "signature": {
+            "shared_batch": sig.shared_batch,
             "n_args": sig.n_args,
             "kwarg_names": list(sig.kwarg_names),
             "leaves": [asdict(s) for s in sig.leaves if s is not None],
@@ -210,5 +249,6 @@ def load(path: str | Path) -> CompiledModule:
         tuple(s["kwarg_names"]),
         tuple(TensorSpec(d["dtype"], tuple(d["shape"]), d["device"]) for d in s["leaves"]),
         s["dynamic_batch"],
+        s.get("shared_batch", False),
     )
     return CompiledModule(gm, sig, pipeline=meta["pipeline"], target=meta["target"])

@@ -137,6 +137,7 @@ def _torch_compile(mode: str | None) -> Callable[[Setup], Runner]:
     def make(s: Setup) -> Runner:
         if mode == "max-autotune" and s.device != "cuda":
             raise ModeUnavailable("max-autotune is measured on the GPU only")
+        torch._dynamo.reset()  # a cold compile each time: no reuse of another batch's graphs
         compiled = torch.compile(s.model, mode=mode)
 
         def run(*args: Any) -> Any:
@@ -179,6 +180,8 @@ def _onnxruntime(s: Setup) -> Runner:
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # Idle ORT threads otherwise spin and steal the cores from the mode timed next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed_names = [i.name for i in session.get_inputs()]
 
@@ -233,7 +236,7 @@ class Result:
 @dataclass
 class Settings:
     device: str = "cpu"
-    threads: int = 2
+    threads: int = 1
     warmup: int = 3
     min_reps: int = 10
     min_time_s: float = 0.5
@@ -652,7 +655,13 @@ def add_arguments(p: Any) -> None:
     p.add_argument(
         "--out", default="bench-out", help="folder for results.json, results.md and plots"
     )
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (fixed for every mode)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads, the same for every mode (default 1: on small shared machines the "
+        "thread pools of different runtimes disturb each other's timings)",
+    )
     p.add_argument(
         "--min-time", type=float, default=0.5, help="seconds of timed calls per mode (CPU)"
     )
