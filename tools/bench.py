@@ -517,7 +517,7 @@ def environment(settings: Settings) -> dict[str, Any]:
                 "(triton.testing.do_bench)"
                 if settings.device == "cuda"
                 else f"(modes take turns in {settings.rounds} rounds; per mode >= {settings.min_reps} calls "
-                f"and >= {settings.min_time_s} s; {settings.threads} threads)"
+                f"and >= {settings.min_time_s} s; {settings.threads} thread(s))"
             )
         ),
     }
@@ -631,7 +631,7 @@ def resolve_modes(text: str | None, device: str) -> list[str]:
 
 
 def resolve_models(text: str | None) -> list[str]:
-    models = parse_list(text, list(zoo.ZOO))
+    models = parse_list(text, [*zoo.ZOO, *EXTERNAL_MODELS])
     known = [*zoo.ZOO, *EXTERNAL_MODELS]
     unknown = [m for m in models if m not in known]
     if unknown:
@@ -643,7 +643,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument(
         "--models",
         default=None,
-        help=f"comma-separated; default the zoo ({','.join(zoo.ZOO)}); also {','.join(EXTERNAL_MODELS)}",
+        help=f"comma-separated; default the zoo ({','.join(zoo.ZOO)}) and {','.join(EXTERNAL_MODELS)} "
+        "(reported unavailable when torchvision/transformers are missing)",
     )
     p.add_argument(
         "--modes",
@@ -780,6 +781,10 @@ def write_docs(page: Path, report: BenchReport, plots: Sequence[Path], args: Any
         "`time.perf_counter` per call; GPU: `triton.testing.do_bench`). Compile time is the wall time "
         "to build the mode (for torch.compile, its first call). Memory: GPU, peak allocated by torch; "
         "CPU, growth of the process's resident set while the mode is built and run (a rough figure). "
-        "Errors compare each mode's outputs with eager fp32 on the same input.\n\n"
+        "Errors compare each mode's outputs with eager fp32 on the same input. torch.compile's "
+        "compile time is measured after `torch._dynamo.reset()`, but Inductor's on-disk cache from "
+        "earlier runs on the machine may still serve it. Models from torchvision and Hugging Face "
+        "are built from their configs with random weights when those packages are installed, and "
+        "reported unavailable otherwise.\n\n"
         "## Latest run\n\n" + report.to_markdown(rel)
     )

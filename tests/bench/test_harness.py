@@ -17,7 +17,9 @@ FAST = bench.Settings(warmup=1, min_reps=3, min_time_s=0.0, rotate=2)
 
 
 def test_parse_lists_and_defaults() -> None:
-    assert bench.resolve_models(None) == ["resnet", "mobilenet", "bert", "gpt", "mlp"]
+    zoo_models = ["resnet", "mobilenet", "bert", "gpt", "mlp"]
+    external = ["resnet50", "mobilenet_v3", "bert-base", "gpt2", "vit-base"]
+    assert bench.resolve_models(None) == zoo_models + external  # unavailable ones are reported
     assert bench.resolve_models("mlp, gpt") == ["mlp", "gpt"]
     assert bench.resolve_modes("graphopt-O1", "cpu") == ["eager", "graphopt-O1"]  # baseline added
     assert "torch.compile-max-autotune" in bench.resolve_modes(None, "cuda")

@@ -217,3 +217,9 @@ def test_messages_are_not_tracebacks() -> None:
     with pytest.raises(GraphoptError) as info:
         graphopt.parse_pipeline("nonexistent")
     assert "Traceback" not in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+def test_input_mismatch_batch_sizes_must_agree(two: graphopt.CompiledModule) -> None:
+    assert two(torch.randn(6, 3), torch.randn(6)).shape == (6,)  # another batch size is fine
+    with pytest.raises(InputMismatchError, match="inputs 0 and 1 must have the same batch size"):
+        two(torch.randn(4, 3), torch.randn(5))
