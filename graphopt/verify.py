@@ -183,6 +183,7 @@ class Verifier:
             for n in before_gm.graph.nodes
             if n.name in before_raw
         }
+        before_by_origin = {original_name(n): n.name for n in before_gm.graph.nodes}
         first_inherited: tuple[Node, str, str] | None = None
         runner = Runner(after_gm)
         for node in after_gm.graph.nodes:
@@ -195,9 +196,9 @@ class Verifier:
             ok, _, why = _judge_value(contract, after_vals[node.name], before, ref)
             if ok:
                 continue
-            local_env = self._local_inputs(node, contract, after_vals, before_gm, before_raw)
+            local_env = self._local_inputs(node, contract, after_vals, before_by_origin, before_raw)
             local = runner.run_one(node, local_env)
-            local_ok, local_numbers, local_why = _judge_value(contract, local, before, ref)
+            local_ok, _, local_why = _judge_value(contract, local, before, ref)
             if not local_ok:
                 return self._error(pass_name, contract, verdict, node, origin, "local", local_why)
             if first_inherited is None:
@@ -218,12 +219,11 @@ class Verifier:
         node: Node,
         contract: Contract,
         after_vals: dict[str, Any],
-        before_gm: GraphModule,
+        before_by_origin: dict[str | None, str],
         before_raw: dict[str, Any],
     ) -> dict[str, Any]:
         """Inputs for ``node`` as they should be: before-pass values (exact) or float64
         reference values rounded to the node's dtype (rounding, lossy)."""
-        before_by_origin = {original_name(n): n.name for n in before_gm.graph.nodes}
         env: dict[str, Any] = {}
         for inp in node.all_input_nodes:
             origin = original_name(inp)

@@ -542,7 +542,16 @@ def markdown_table(results: Sequence[Result]) -> str:
         "| model | batch | mode | median ms | p10-p90 ms | speedup vs eager | compile s | mem MB | max abs err | cosine | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    shown: set[tuple[str, int]] = set()
     for r in results:
+        same = [o for o in results if (o.model, o.batch) == (r.model, r.batch)]
+        if all(o.status == "unavailable" and o.reason == r.reason for o in same):
+            if (r.model, r.batch) not in shown:  # one row for a model no mode could run
+                shown.add((r.model, r.batch))
+                lines.append(
+                    f"| {r.model} | {r.batch} | all modes | - | - | - | - | - | - | - | unavailable: {r.reason} |"
+                )
+            continue
         spread = "-" if r.p10_ms is None else f"{r.p10_ms:.3g}-{r.p90_ms:.3g}"
         status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
         lines.append(

@@ -20,7 +20,7 @@ def _pyplot() -> Any:
 def speedup_plot(results: Sequence[Any], path: Path) -> Path:
     """Grouped bars: speedup over eager fp32 per model and mode."""
     plt = _pyplot()
-    models = list(dict.fromkeys(r.model for r in results))
+    models = list(dict.fromkeys(r.model for r in results if r.speedup))  # measured ones only
     modes = [m for m in dict.fromkeys(r.mode for r in results) if m != "eager"]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(models)), 4))
     width = 0.8 / max(1, len(modes))
