@@ -17,6 +17,13 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def speedup_plot(results: Sequence[Any], path: Path) -> Path:
     """Grouped bars: speedup over eager fp32 per model and mode."""
     plt = _pyplot()
@@ -36,10 +43,7 @@ def speedup_plot(results: Sequence[Any], path: Path) -> Path:
     ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(models))], models)
     ax.set_ylabel("speedup over eager fp32 (median latency)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def batch_plot(results: Sequence[Any], path: Path) -> Path:
@@ -58,10 +62,7 @@ def batch_plot(results: Sequence[Any], path: Path) -> Path:
     ax.set_xlabel("batch size")
     ax.set_ylabel("median latency (ms)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def compile_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -76,7 +77,4 @@ def compile_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel("zoo gpt layers")
     ax.set_ylabel("seconds")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
