@@ -5,6 +5,7 @@ compiled(x)                                   # behaves like model(x)
 graphopt.save(compiled, "m.graphopt"); graphopt.load("m.graphopt")
 """
 
+import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt.*, needed to load saved models)
 from graphopt.api import compile
 from graphopt.capture import StaticShapeWarning, capture
 from graphopt.compiled import CompiledModule, load, save

@@ -19,7 +19,7 @@ from graphopt.errors import EquivalenceError, GraphoptError, PassError
 from graphopt.interpreter import native_run
 from graphopt.ir import count_op_nodes, format_graph, snapshot
 from graphopt.passes_base import FixedPoint, Pass, PipelineItem, parse_pipeline
-from graphopt.rewriter import RewriteBudget, Rewriter
+from graphopt.rewriter import RewriteBudget, Rewriter, RuleLog
 from graphopt.verify import Verifier
 
 
@@ -59,6 +59,7 @@ class PassRecord:
     message: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     spent: dict[str, Any] = field(default_factory=dict)  # contract numbers (lossy budget spent)
+    rules: dict[str, RuleLog] = field(default_factory=dict)  # rule -> applied / near misses
 
 
 @dataclass
@@ -78,7 +79,22 @@ class Report:
             lines.append(
                 f"{r.name:<24} {r.time_s * 1e3:>7.1f}ms {nodes:>12} {r.rewrites:>8} {err:>11}  {r.status}"
             )
-        return "\n".join(lines)
+        rules = self.rule_text()
+        return "\n".join(lines) + ("\n\n" + rules if rules else "")
+
+    def rule_text(self, max_misses: int = 3) -> str:
+        """The "why didn't it fuse" table: per rule, matches applied and the first near misses."""
+        lines: list[str] = []
+        for r in self.records:
+            for rule, log in r.rules.items():
+                if not log.applied and not log.missed:
+                    continue
+                lines.append(f"{r.name}: {rule}: applied {log.applied}, near misses {log.missed}")
+                for node, why in log.misses[:max_misses]:
+                    lines.append(f"    %{node}: {why}")
+                if log.missed > max_misses:
+                    lines.append(f"    ... {log.missed - max_misses} more")
+        return ("why (not) fused\n" + "\n".join(lines)) if lines else ""
 
 
 Event = Callable[[str, str, "PassRecord | None"], None]
@@ -183,6 +199,9 @@ class PassManager:
             record.verify_s += time.perf_counter() - t1
         if keep:
             record.rewrites += rewrites
+            for rw in self.ctx.rewriters:
+                for rule, log in rw.rules.items():
+                    record.rules.setdefault(rule, RuleLog()).merge(log)
             gm = candidate if changed else gm
             if changed:
                 record.status = max(record.status, "ok", key=_STATUS_RANK.__getitem__)

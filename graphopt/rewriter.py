@@ -33,11 +33,34 @@ class RewriteBudget:
 
 
 @dataclass
+class RuleLog:
+    """What one rule did in one pass: how often it applied, and its near misses with the reason.
+
+    A near miss is a node where the rule's anchor op matched but a later condition failed; the
+    reason names that condition (``"bias is not a 1-D weight"``). The report prints these as the
+    "why didn't it fuse" table.
+    """
+
+    applied: int = 0
+    missed: int = 0
+    misses: list[tuple[str, str]] = field(default_factory=list)  # (node name, reason), first 50
+
+    KEEP = 50
+
+    def merge(self, other: RuleLog) -> None:
+        self.applied += other.applied
+        self.missed += other.missed
+        room = self.KEEP - len(self.misses)
+        self.misses += other.misses[: max(room, 0)]
+
+
+@dataclass
 class Rewriter:
     gm: GraphModule
     pass_name: str
     budget: RewriteBudget = field(default_factory=RewriteBudget)
     rewrites: int = 0
+    rules: dict[str, RuleLog] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._mode = fake_mode_of(self.gm)
@@ -51,6 +74,20 @@ class Rewriter:
     def _count(self) -> None:
         self.rewrites += 1
         self.budget.used += 1
+
+    # -- why didn't it fuse ----------------------------------------------------------------
+    def applied(self, rule: str) -> bool:
+        """Record that ``rule`` applied once; returns True so a rule can ``return rw.applied(..)``."""
+        self.rules.setdefault(rule, RuleLog()).applied += 1
+        return True
+
+    def missed(self, rule: str, node: Node, why: str) -> bool:
+        """Record a near miss of ``rule`` at ``node`` and the condition that failed; returns False."""
+        log = self.rules.setdefault(rule, RuleLog())
+        log.missed += 1
+        if len(log.misses) < RuleLog.KEEP:
+            log.misses.append((node.name, why))
+        return False
 
     # -- provenance ----------------------------------------------------------------------
     def _origins(self, nodes: Iterable[Node]) -> list[str]:
@@ -164,8 +201,35 @@ class Rewriter:
         if leaf in vars(module):
             delattr(module, leaf)
 
+    def sort(self) -> None:
+        """Restore a topological order after a rewrite inserted a node that an earlier node now
+        uses (stable: nodes keep their relative order where dependencies allow)."""
+        import heapq
+
+        nodes = list(self.gm.graph.nodes)
+        position = {n: i for i, n in enumerate(nodes)}
+        if all(position[a] < position[n] for n in nodes for a in n.all_input_nodes):
+            return
+        waiting = {n: len(set(n.all_input_nodes)) for n in nodes}
+        ready = [(position[n], n.name, n) for n in nodes if waiting[n] == 0]
+        heapq.heapify(ready)
+        order: list[Node] = []
+        while ready:
+            _, _, n = heapq.heappop(ready)
+            order.append(n)
+            for user in n.users:
+                waiting[user] -= 1
+                if waiting[user] == 0:
+                    heapq.heappush(ready, (position[user], user.name, user))
+        assert len(order) == len(nodes), "a rewrite created a cycle"
+        output = order[-1]
+        assert output.op == "output"
+        for n in order[:-1]:
+            output.prepend(n)
+
     def finish(self) -> None:
-        """Lint and regenerate code once the pass is done editing."""
+        """Restore topological order, lint and regenerate code once the pass is done editing."""
+        self.sort()
         self.gm.graph.lint()
         self.gm.recompile()
 

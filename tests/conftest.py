@@ -1,9 +1,19 @@
-"""Shared test set-up: GPU tests are skipped, with the reason shown, on machines without one."""
+"""Shared test set-up: GPU tests are skipped, with the reason shown, on machines without one.
+
+Without a GPU, Triton kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU
+tensors. Triton reads the variable when a kernel is decorated, so it is set here, before any test
+module imports ``graphopt.kernels``.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

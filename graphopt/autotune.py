@@ -1,0 +1,132 @@
+"""Keep only what is faster: measure candidate implementations once per shape, cache the choice.
+
+Fusion passes ask :func:`choose` whether a fused op beats the unfused ATen graph on the target,
+and graphopt's custom ops ask it whether a Triton kernel beats the ATen implementation for the
+shapes they are called with. Each decision is measured once and cached in memory and on disk
+(``$GRAPHOPT_CACHE_DIR/choices.json``, default ``~/.cache/graphopt``), keyed by the device, the
+torch version and the caller's key (op, shapes, dtypes).
+
+Timing: on CUDA ``triton.testing.do_bench`` medians; on the CPU the median of repeated
+``perf_counter`` runs after a warm-up, with the candidates taking turns so noise lands on all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_MEMORY: dict[str, dict[str, Any]] = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRAPHOPT_CACHE_DIR") or Path.home() / ".cache" / "graphopt")
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+
+
+def _disk_path() -> Path:
+    return cache_dir() / "choices.json"
+
+
+def _load_disk() -> dict[str, Any]:
+    try:
+        return json.loads(_disk_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_disk(key: str, entry: dict[str, Any]) -> None:
+    path = _disk_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = _load_disk()
+        table[key] = entry
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=0, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs re-measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device | str, reps: int = 15) -> float:
+    """Median seconds of one call of ``fn`` on ``device``."""
+    return measure_all({"fn": fn}, device, reps)["fn"]
+
+
+def measure_all(
+    fns: dict[str, Callable[[], Any]], device: torch.device | str, reps: int = 15
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured in alternation."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return {name: do_bench(fn, return_mode="median") / 1e3 for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():  # warm-up
+            fn()
+            fn()
+        for _ in range(reps):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def choose(
+    key: str,
+    candidates: dict[str, Callable[[], Any]],
+    device: torch.device | str,
+    *,
+    reps: int = 15,
+) -> tuple[str, dict[str, float]]:
+    """The fastest candidate's name and every candidate's median seconds (cached per key).
+
+    The first candidate is the baseline and wins ties: a new implementation must be strictly
+    faster to be chosen.
+    """
+    full_key = f"{device_name(device)}|torch {torch.__version__}|{key}"
+    entry = _MEMORY.get(full_key)
+    if entry is None:
+        entry = _load_disk().get(full_key)
+    if entry is None or entry.get("choice") not in candidates:
+        times = measure_all(candidates, device, reps)
+        baseline = next(iter(candidates))
+        best = min(times, key=lambda n: (times[n], n != baseline))
+        entry = {"choice": best, "times": times}
+        _save_disk(full_key, entry)
+    _MEMORY[full_key] = entry
+    return entry["choice"], dict(entry["times"])
+
+
+def shape_key(*tensors: Any) -> str:
+    """``float16[32,128,768]:s`` per tensor (``:n`` when not contiguous), for cache keys."""
+    parts = []
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            dtype = str(t.dtype).removeprefix("torch.")
+            dims = ",".join(str(d) for d in t.shape)
+            parts.append(f"{dtype}[{dims}]{'' if t.is_contiguous() else ':n'}")
+        else:
+            parts.append(repr(t))
+    return " ".join(parts)
