@@ -34,13 +34,24 @@ def _promote(value: Any) -> Any:
 
 
 class Runner(torch.fx.Interpreter):
-    def __init__(self, gm: GraphModule, *, reference: bool = False, record: bool = True) -> None:
+    """Runs a graph node by node.
+
+    ``expand=True`` looks inside fused groups: a ``graphopt.fused`` call runs its reference
+    decomposition node by node, and (with ``record``) each inner value is recorded as
+    ``"<fused node>/<inner node>"``.
+    """
+
+    def __init__(
+        self, gm: GraphModule, *, reference: bool = False, record: bool = True, expand: bool = False
+    ) -> None:
         super().__init__(gm, garbage_collect_values=not record)
         self.reference = reference
         self.record = record
+        self.expand = expand
         self.values: dict[str, Any] = {}
 
     def run_node(self, n: Node) -> Any:
+        self._node = n
         result = super().run_node(n)
         if self.record:
             self.values[n.name] = result
@@ -53,7 +64,18 @@ class Runner(torch.fx.Interpreter):
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if self.reference:
             args, kwargs = _promote(args), _promote(kwargs)
+        if self.expand and target is _fused_op():
+            return self._run_fused(args[0], args[1])
         return super().call_function(target, args, kwargs)
+
+    def _run_fused(self, inputs: list[Any], program: str) -> list[Any]:
+        from graphopt.ops import program_of
+
+        inner = Runner(program_of(program).to_graph(), record=self.record)
+        out = inner.run_graph(list(inputs))
+        if self.record:
+            self.values.update({f"{self._node.name}/{k}": v for k, v in inner.values.items()})
+        return out
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         if self.reference:
@@ -71,6 +93,12 @@ class Runner(torch.fx.Interpreter):
         self.env = {n: env[n.name] for n in node.all_input_nodes}
         with torch.no_grad():
             return super().run_node(node)
+
+
+def _fused_op() -> Any:
+    import graphopt.ops  # noqa: F401
+
+    return torch.ops.graphopt.fused.default
 
 
 def reference_run(gm: GraphModule, flat_inputs: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
