@@ -31,13 +31,26 @@ def count_op_nodes(gm: GraphModule) -> int:
 
 
 def is_random(node: Node) -> bool:
+    """Does the call draw random numbers? Eval-mode dropout (train=False) does not."""
+    if node.target in _MAY_RETURN_INPUT:
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        if train is False:
+            return False
     tags = getattr(node.target, "tags", ())
     return _RANDOM_TAG in tags
 
 
+def _impure(node: Node) -> bool:
+    try:
+        return node.is_impure(impure_random=False)
+    except TypeError:  # torch versions whose is_impure does not judge randomness
+        return node.is_impure()
+
+
 def is_pure(node: Node) -> bool:
     """True for a call whose only effect is its result: safe to delete, merge or fold."""
-    if node.op != "call_function" or node.is_impure() or is_random(node):
+    # randomness is judged by is_random, which knows that eval-mode dropout draws none
+    if node.op != "call_function" or _impure(node) or is_random(node):
         return False
     schema = getattr(node.target, "_schema", None)
     if schema is not None and schema.is_mutable:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from graphopt.errors import PipelineError
 
 if TYPE_CHECKING:
+    import torch
     from torch.fx import GraphModule
 
     from graphopt.pass_manager import PassContext
@@ -32,7 +33,9 @@ class Contract:
 
     * ``exact``: outputs bitwise equal to the outputs before the pass.
     * ``rounding``: error against the float64 reference at most
-      ``max(2 x error before the pass, floor(dtype))``.
+      ``max(2 x error before the pass, floor(dtype))``. ``dtype`` (optional) names the dtype
+      the graph computes in when it differs from the outputs' (fp16 inside, fp32 returned):
+      the floor is then the larger of the two dtypes' floors.
     * ``lossy``: the user's budget on one metric (``cosine`` >= t, ``sqnr`` >= t dB,
       ``rel_error`` <= t, ``top1`` >= t), judged against the float64 reference.
     """
@@ -40,14 +43,23 @@ class Contract:
     kind: str
     metric: str | None = None
     threshold: float | None = None
+    dtype: str | None = None  # rounding: the compute dtype, e.g. "float16" (a string: hashable)
 
     @staticmethod
     def exact() -> Contract:
         return Contract("exact")
 
     @staticmethod
-    def rounding() -> Contract:
-        return Contract("rounding")
+    def rounding(dtype: torch.dtype | str | None = None) -> Contract:
+        """``dtype``: a floating ``torch.dtype`` (or its name) the graph computes in."""
+        if dtype is None:
+            return Contract("rounding")
+        name = str(dtype).removeprefix("torch.")
+        if name not in ROUNDING_DTYPES:
+            raise PipelineError(
+                f"Contract.rounding(dtype={dtype!r}): use one of {', '.join(ROUNDING_DTYPES)}"
+            )
+        return Contract("rounding", dtype=name)
 
     @staticmethod
     def lossy(metric: str, threshold: float) -> Contract:
@@ -58,11 +70,15 @@ class Contract:
         return Contract("lossy", metric, float(threshold))
 
     def __str__(self) -> str:
-        return self.kind if self.kind != "lossy" else f"lossy({self.metric}={self.threshold:g})"
+        if self.kind == "lossy":
+            return f"lossy({self.metric}={self.threshold:g})"
+        return f"{self.kind}({self.dtype})" if self.dtype else self.kind
 
 
 # metric -> True when larger is better
 LOSSY_METRICS = {"cosine": True, "sqnr": True, "top1": True, "rel_error": False}
+# compute dtypes a rounding contract may name (the floors are graphopt.metrics.ROUNDING_FLOOR)
+ROUNDING_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 # -- passes -------------------------------------------------------------------------------------
@@ -159,13 +175,30 @@ def _load_builtin_passes() -> None:
 
 # -- default pipelines: the one place they are written down --------------------------------------
 
+_FUSE = "fuse-epilogue,fuse-kernels,fuse-pointwise{max_ops=%d},cleanup"
+_PREPARE = "cleanup,fold-bn,patterns,cleanup"
+
 OPT_LEVELS: dict[str, str] = {
     "-O0": "",
     "-O1": "cleanup,fold-bn,cleanup",
-    # Fusion, Triton lowering and precision passes extend -O2/-O3 as they land (issues 4, 5).
-    "-O2": "cleanup,fold-bn,cleanup",
-    "-O3": "cleanup,fold-bn,cleanup",
+    # -O2: recognize decomposed patterns, then fuse (each fusion kept only where it measures
+    # faster on the target), then clean up what fusion left behind.
+    "-O2": f"{_PREPARE},{_FUSE % 32}",
+    # -O3: as -O2 with larger generated kernels.
+    "-O3": f"{_PREPARE},{_FUSE % 64}",
 }
+
+
+def half_pipeline(level: str, dtype: str, min_cosine: float | None = None) -> str:
+    """``level`` with ``precision{dtype=...}`` placed where it must go: after batch norms are
+    folded and patterns recognized in fp32, before fusion (fused programs are opaque to it).
+    ``min_cosine`` judges the half model by cosine instead of the dtype's rounding floor (deep
+    models such as 12-layer BERT exceed the fp16 floor; see docs/precision.md)."""
+    if level not in ("-O2", "-O3"):
+        raise PipelineError(f"half_pipeline takes -O2 or -O3, got {level!r}")
+    fuse = _FUSE % (32 if level == "-O2" else 64)
+    budget = f",min_cosine={min_cosine}" if min_cosine is not None else ""
+    return f"{_PREPARE},precision{{dtype={dtype}{budget}}},{fuse}"
 
 
 # -- parsing --------------------------------------------------------------------------------------
@@ -310,6 +343,8 @@ class _Parser:
             inner = self.parse_list(end=")")
             self.take(")")
             return [FixedPoint(tuple(flatten(inner)))]
+        if name in OPT_LEVELS:  # "-O2,int8{...}": a level expands in place
+            return _Parser(OPT_LEVELS[name]).parse_list(None) if OPT_LEVELS[name] else []
         if name in _GROUPS:
             group = FixedPoint(tuple(flatten(_Parser(_GROUPS[name]).parse_list(None))), name=name)
             return [group]

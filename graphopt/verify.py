@@ -68,12 +68,15 @@ def _judge_value(
     err_after = metrics.rel_max(after, ref)
     if contract.kind == "rounding":
         err_before = metrics.rel_max(before, ref) if _is_float(before) else 0.0
-        floor = metrics.rounding_floor(after.dtype)
+        # a graph computing in fp16 but returning fp32 is held to fp16's floor (Contract.dtype)
+        dtypes = [after.dtype] + ([getattr(torch, contract.dtype)] if contract.dtype else [])
+        floor_dtype = max(dtypes, key=metrics.rounding_floor)
+        floor = metrics.rounding_floor(floor_dtype)
         allowed = max(2 * err_before, floor)
         numbers = {"error": err_after, "error_before": err_before, "allowed": allowed}
         why = (
             f"has error {err_after:.3g} against float64, allowed {allowed:.3g} "
-            f"= max(2 x {err_before:.3g} before the pass, floor {floor:g} for {after.dtype})"
+            f"= max(2 x {err_before:.3g} before the pass, floor {floor:g} for {floor_dtype})"
         )
         return err_after <= allowed, numbers, why
     metric = str(contract.metric)

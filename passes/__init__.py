@@ -4,11 +4,43 @@ Importing this package registers every pass by name; ``passes/README.md`` states
 each pass may assume and must keep.
 """
 
-from graphopt.passes import cse, dce, fold_bn, fold_constants, remove_noops
+from graphopt.passes import (
+    cse,
+    dce,
+    fold_bn,
+    fold_constants,
+    fuse_epilogue,
+    fuse_kernels,
+    fuse_pointwise,
+    patterns_attention,
+    patterns_gelu,
+    patterns_norm,
+    patterns_softmax,
+    precision,
+    remove_noops,
+)
 from graphopt.passes_base import register_group
 
 # The cleanup group runs to a fixed point: each pass can expose work for another
 # (remove-noops exposes duplicates to cse, cse and folding leave dead nodes for dce).
 register_group("cleanup", "remove-noops,fold-constants,cse,dce")
 
-__all__ = ["cse", "dce", "fold_bn", "fold_constants", "remove_noops"]
+# Decomposed gelu, layer/RMS norm, softmax and attention back to single ATen ops; softmax
+# before attention, which matches the fused softmax.
+register_group("patterns", "fuse-gelu,fuse-layernorm,fuse-softmax,fuse-attention")
+
+__all__ = [
+    "cse",
+    "dce",
+    "fold_bn",
+    "fold_constants",
+    "fuse_epilogue",
+    "fuse_kernels",
+    "fuse_pointwise",
+    "patterns_attention",
+    "patterns_gelu",
+    "patterns_norm",
+    "patterns_softmax",
+    "precision",
+    "remove_noops",
+]

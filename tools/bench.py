@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 import graphopt
 from graphopt import metrics, zoo
 from graphopt.errors import GraphoptError
-from graphopt.passes_base import OPT_LEVELS
+from graphopt.passes_base import OPT_LEVELS, half_pipeline
 
 Runner = Callable[..., Any]
 
@@ -133,16 +133,16 @@ def _cast_input(x: Any, dtype: torch.dtype | None) -> Any:
     return x
 
 
-def _torch_compile(mode: str | None) -> Callable[[Setup], Runner]:
+def _torch_compile(mode: str | None, dtype: torch.dtype | None = None) -> Callable[[Setup], Runner]:
     def make(s: Setup) -> Runner:
-        if mode == "max-autotune" and s.device != "cuda":
-            raise ModeUnavailable("max-autotune is measured on the GPU only")
+        if (mode == "max-autotune" or dtype is not None) and s.device != "cuda":
+            raise ModeUnavailable(f"torch.compile {mode or dtype} is measured on the GPU only")
         torch._dynamo.reset()  # a cold compile each time: no reuse of another batch's graphs
-        compiled = torch.compile(s.model, mode=mode)
+        compiled = torch.compile(s.model if dtype is None else _cast(s.model, dtype), mode=mode)
 
         def run(*args: Any) -> Any:
             with torch.no_grad():
-                return compiled(*args)
+                return compiled(*(_cast_input(a, dtype) for a in args))
 
         run(*s.inputs)  # compile now, so compile time is measured here
         return run
@@ -150,8 +150,10 @@ def _torch_compile(mode: str | None) -> Callable[[Setup], Runner]:
     return make
 
 
-def _graphopt(pipeline: str) -> Callable[[Setup], Runner]:
+def _graphopt(pipeline: str, gpu_only: bool = False) -> Callable[[Setup], Runner]:
     def make(s: Setup) -> Runner:
+        if gpu_only and s.device != "cuda":
+            raise ModeUnavailable(f"graphopt {pipeline} is measured on the GPU only")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return graphopt.compile(s.model, s.inputs, pipeline=pipeline)
@@ -199,7 +201,10 @@ MODES: dict[str, Callable[[Setup], Runner]] = {
     "eager-bf16": _eager(torch.bfloat16),
     "torch.compile": _torch_compile(None),
     "torch.compile-max-autotune": _torch_compile("max-autotune"),
+    "torch.compile-fp16": _torch_compile(None, torch.float16),
     **{f"graphopt{level}": _graphopt(level) for level in OPT_LEVELS},
+    "graphopt-O2-fp16": _graphopt(half_pipeline("-O2", "fp16", 0.999), gpu_only=True),
+    "graphopt-O2-bf16": _graphopt(half_pipeline("-O2", "bf16", 0.999), gpu_only=True),
     "onnxruntime": _onnxruntime,
 }
 DEFAULT_MODES = [
@@ -208,7 +213,14 @@ DEFAULT_MODES = [
     *(f"graphopt{level}" for level in OPT_LEVELS),
     "onnxruntime",
 ]
-GPU_EXTRA_MODES = ["eager-fp16", "eager-bf16", "torch.compile-max-autotune"]
+GPU_EXTRA_MODES = [
+    "eager-fp16",
+    "eager-bf16",
+    "torch.compile-fp16",
+    "torch.compile-max-autotune",
+    "graphopt-O2-fp16",
+    "graphopt-O2-bf16",
+]
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -585,6 +597,8 @@ class BenchReport:
     batch_scaling: list[Result] = field(default_factory=list)
     compile_scaling: list[dict[str, Any]] = field(default_factory=list)
     compile_exponent: float | None = None
+    kernels: list[dict[str, Any]] = field(default_factory=list)
+    kernels_note: str = ""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -605,8 +619,27 @@ class BenchReport:
                 "\n### Compile time against model depth\n",
                 compile_table(self.compile_scaling, self.compile_exponent),
             ]
+        parts += [
+            "\n### Kernels\n",
+            kernel_table(self.kernels) if self.kernels else self.kernels_note,
+        ]
         parts += [f"\n![{Path(p).stem}]({p})\n" for p in plots]
         return "\n".join(parts)
+
+
+def kernel_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per kernel measurement from ``graphopt.kernels.bench.kernel_benchmarks``."""
+    head = "| kernel | shape | dtype | ms | baseline ms | speedup | GB/s or TFLOPS | max rel err |"
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        rate = r.get("gbps") or r.get("tflops")
+        unit = " GB/s" if r.get("gbps") else " TFLOPS" if r.get("tflops") else ""
+        lines.append(
+            f"| {r.get('name')} | {r.get('shape')} | {r.get('dtype')} | {_fmt(r.get('ms'), '.4f')} "
+            f"| {_fmt(r.get('baseline_ms'), '.4f')} | {_fmt(r.get('speedup'), '.2f')} "
+            f"| {_fmt(rate, '.1f')}{unit if rate else ''} | {_fmt(r.get('max_rel_err'), '.1e')} |"
+        )
+    return "\n".join(lines)
 
 
 # -- the command -------------------------------------------------------------------------------------
@@ -698,6 +731,13 @@ def add_arguments(p: Any) -> None:
     p.add_argument(
         "--docs", default=None, help="also write this markdown page (e.g. docs/benchmarks.md)"
     )
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="kernel microbenchmarks (copy bandwidth, norms, GEMM epilogue, attention); "
+        "auto: on cuda only",
+    )
 
 
 def run(args: Any, console: Any) -> int:
@@ -756,6 +796,7 @@ def run(args: Any, console: Any) -> int:
                 [r["nodes"] for r in report.compile_scaling],
                 [r["compile_s"] for r in report.compile_scaling],
             )
+    report.kernels, report.kernels_note = kernel_results(args, settings)
     plots = [bench_plots.speedup_plot(report.results, out / "speedup.png")]
     if report.batch_scaling:
         plots.append(bench_plots.batch_plot(report.batch_scaling, out / "latency_vs_batch.png"))
@@ -768,6 +809,20 @@ def run(args: Any, console: Any) -> int:
     console.print(markdown_table(report.results), markup=False, highlight=False)
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(plots)} plot(s)")
     return 0
+
+
+def kernel_results(args: Any, settings: Settings) -> tuple[list[dict[str, Any]], str]:
+    """Kernel microbenchmarks on the GPU, or the note saying why they are unmeasured."""
+    wanted = getattr(args, "kernels", "auto")
+    if wanted == "no" or (wanted == "auto" and settings.device != "cuda"):
+        return [], (
+            "Unmeasured in this run: the kernel microbenchmarks (generated pointwise and norm "
+            "kernels against copy bandwidth at 64M elements, GEMM with fused epilogue against "
+            "cuBLAS plus a separate epilogue, attention against SDPA) run with `--device cuda`."
+        )
+    from graphopt.kernels.bench import kernel_benchmarks
+
+    return kernel_benchmarks(settings.device), ""
 
 
 def write_docs(page: Path, report: BenchReport, plots: Sequence[Path], args: Any) -> None:
