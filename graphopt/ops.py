@@ -88,13 +88,13 @@ def program_of(text: str) -> Program:
 
 @torch.library.custom_op("graphopt::fused", mutates_args=())
 def fused(xs: list[Tensor], program: str) -> list[Tensor]:
-    """Run a fused group's ATen reference decomposition."""
-    return program_of(program).run(list(xs))
+    """Run a fused group's ATen reference decomposition (outputs contiguous, as the kernel's)."""
+    return [t.contiguous() for t in program_of(program).run(list(xs))]
 
 
 @fused.register_fake
 def _fused_fake(xs: list[Tensor], program: str) -> list[Tensor]:
-    return program_of(program).run(list(xs))
+    return [t.contiguous() for t in program_of(program).run(list(xs))]
 
 
 @fused.register_kernel("cuda")
@@ -107,7 +107,7 @@ def _fused_cuda(xs: list[Tensor], program: str) -> list[Tensor]:
             key = f"fused {prog.key} {shape_key(*xs)}"
             if _use_kernel(key, lambda: prog.run(list(xs)), lambda: codegen.run(prog, xs), xs[0]):
                 return codegen.run(prog, xs)
-    return prog.run(list(xs))
+    return [t.contiguous() for t in prog.run(list(xs))]
 
 
 # -- GEMM / convolution with epilogue -----------------------------------------------------------

@@ -57,9 +57,19 @@ def test_fold_bn_shrinks_the_cnn() -> None:
 
 def test_O_levels_parse_to_plain_pass_lists() -> None:
     assert graphopt.parse_pipeline("-O0") == []
-    for level in ("-O1", "-O2", "-O3"):
-        specs = [item.spec() for item in graphopt.parse_pipeline(level)]
-        assert specs == ["cleanup", "fold-bn", "cleanup"]
+    assert [item.spec() for item in graphopt.parse_pipeline("-O1")] == [
+        "cleanup",
+        "fold-bn",
+        "cleanup",
+    ]
+    fusion = ["fuse-epilogue", "fuse-kernels", "fuse-pointwise", "cleanup"]
+    o2 = [item.spec() for item in graphopt.parse_pipeline("-O2")]
+    assert o2 == ["cleanup", "fold-bn", "patterns", "cleanup", *fusion]
+    o3 = [item.spec() for item in graphopt.parse_pipeline("-O3")]
+    assert o3[-2] == "fuse-pointwise{max_ops=64}"
+    # a level expands in place inside a longer pipeline
+    specs = [item.spec() for item in graphopt.parse_pipeline("-O1,fuse-epilogue")]
+    assert specs == ["cleanup", "fold-bn", "cleanup", "fuse-epilogue"]
 
 
 def test_model_is_not_mutated() -> None:
