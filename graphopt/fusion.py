@@ -147,6 +147,18 @@ def partition(
     return sorted(groups, key=lambda g: order[g[0]])
 
 
+def no_gain_on(target: Any, device: torch.device) -> str | None:
+    """Why a graphopt op cannot beat ATen on ``device`` without measuring, or None."""
+    from graphopt.ops import REFERENCE_ONLY_ON_CPU
+
+    if device.type == "cpu" and target in REFERENCE_ONLY_ON_CPU:
+        return (
+            f"{target} runs its ATen reference on the CPU (kernels are CUDA-only), so it "
+            "cannot be faster there; not measured"
+        )
+    return None
+
+
 # a fusion must win by this fraction: timing noise must not flip a compile's result
 MARGIN = 0.03
 
@@ -265,9 +277,12 @@ def apply_fusion_rules(
             if isinstance(found, str):
                 rw.missed(name, node, found)
                 continue
+            device = found.nodes[-1].meta["val"].device
+            if measure and (why := no_gain_on(found.target, device)) is not None:
+                rw.missed(name, node, why)
+                continue
             if measure:
                 unfused, fused, key = _run_match(found, gm)
-                device = found.nodes[-1].meta["val"].device
                 why = measured_faster(f"{name} {key}", unfused, fused, device)
                 if why is not None:
                     rw.missed(name, node, why)

@@ -20,7 +20,13 @@ from torch.fx import GraphModule, Node
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
 from graphopt.autotune import shape_key
-from graphopt.fusion import example_like, measured_faster, partition, program_of_nodes
+from graphopt.fusion import (
+    example_like,
+    measured_faster,
+    no_gain_on,
+    partition,
+    program_of_nodes,
+)
 from graphopt.pass_manager import PassContext
 from graphopt.passes_base import Contract, Pass, PassResult, register_pass
 from graphopt.program import op_name
@@ -94,13 +100,18 @@ class FusePointwise(Pass):
                 continue
             program, inputs, outs = program_of_nodes(members)
             text = program.to_json()
+            device = members[-1].meta["val"].device
+            fused_op = torch.ops.graphopt.fused.default
+            if self.measure and (why := no_gain_on(fused_op, device)) is not None:
+                rw.missed(RULE, members[-1], why)
+                continue
             if self.measure:
                 ins = [example_like(n.meta["val"], seed=i) for i, n in enumerate(inputs)]
                 why = measured_faster(
                     f"fused {program.key} {shape_key(*ins)}",
                     lambda ins=ins, program=program: program.run(ins),
                     lambda ins=ins, text=text: torch.ops.graphopt.fused.default(ins, text),
-                    members[-1].meta["val"].device,
+                    device,
                 )
                 if why is not None:
                     rw.missed(RULE, members[-1], why)
