@@ -1,0 +1,31 @@
+"""The kernel benchmarks (``graphopt.kernels.bench``) refuse to run without a CUDA GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphopt.errors import GraphoptError
+from graphopt.kernels import bench
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_kernel_benchmarks_need_a_cuda_gpu() -> None:
+    with pytest.raises(GraphoptError, match="kernel benchmarks need a CUDA GPU"):
+        bench.kernel_benchmarks()
+
+
+def test_kernel_benchmarks_refuse_a_cpu_device() -> None:
+    with pytest.raises(GraphoptError, match="kernel benchmarks need a CUDA GPU"):
+        bench.kernel_benchmarks(device="cpu")
+
+
+@pytest.mark.gpu
+def test_kernel_benchmarks_on_gpu_report_every_measurement() -> None:
+    rows = bench.kernel_benchmarks()
+    names = [row["name"] for row in rows]
+    assert names.count("copy") == 2 and len(rows) == 2 + 2 + 4 + 2
+    for row in rows:
+        assert {"name", "shape", "dtype", "ms", "baseline_ms", "speedup", "max_rel_err"} <= set(row)
+        assert ("gbps" in row) != ("tflops" in row)
+        assert row["ms"] > 0 and row["max_rel_err"] < 2e-2, row
