@@ -29,6 +29,7 @@ attention(q, k, v, m,  ``scaled_dot_product_attention``; Triton flash kernel or 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -78,6 +79,54 @@ def _use_kernel(
     return choice == "triton"
 
 
+class Impl:
+    """An op's two implementations with one signature: the ATen ``reference`` (every device)
+    and the Triton ``kernel`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), plus
+    ``why_not(*args)``: None when the kernel handles these arguments, else the reason."""
+
+    def __init__(
+        self,
+        reference: Callable[..., Any],
+        kernel: Callable[..., Any],
+        why_not: Callable[..., str | None],
+    ) -> None:
+        self.reference, self.kernel, self.why_not = reference, kernel, why_not
+
+    def cuda(self, name: str) -> Callable[..., Any]:
+        """The CUDA implementation: the kernel where it handles the call and measures faster."""
+
+        def impl(*args: Any) -> Any:
+            tensors = [t for a in args for t in (a if isinstance(a, list) else [a])]
+            tensors = [t for t in tensors if isinstance(t, Tensor)]
+            if kernels_enabled() and self.why_not(*args) is None:
+                others = repr([a for a in args if not isinstance(a, (Tensor, list))])
+                digest = hashlib.sha256(others.encode()).hexdigest()[:16]
+                key = f"{name} {digest} {shape_key(*tensors)}"
+                run_kernel = functools.partial(self.kernel, *args)
+                run_reference = functools.partial(self.reference, *args)
+                if _use_kernel(key, run_reference, run_kernel, tensors[0]):
+                    return run_kernel()
+            return self.reference(*args)
+
+        return impl
+
+
+IMPLS: dict[str, Impl] = {}
+
+
+def _define(name: str, impl: Impl, fake: Callable[..., Any], schema_fn: Callable[..., Any]) -> Any:
+    """Register ``graphopt::<name>`` (signature from ``schema_fn``) with its fake and CUDA forms."""
+    op = torch.library.custom_op(f"graphopt::{name}", mutates_args=())(schema_fn)
+    op.register_fake(fake)
+    op.register_kernel("cuda")(impl.cuda(name))
+    IMPLS[name] = impl
+    return op
+
+
+def _always(*args: Any) -> None:
+    return None
+
+
 # -- fused pointwise / reduction groups ----------------------------------------------------------
 
 
@@ -86,28 +135,28 @@ def program_of(text: str) -> Program:
     return Program.from_json(text)
 
 
-@torch.library.custom_op("graphopt::fused", mutates_args=())
-def fused(xs: list[Tensor], program: str) -> list[Tensor]:
-    """Run a fused group's ATen reference decomposition (outputs contiguous, as the kernel's)."""
+def _fused_ref(xs: list[Tensor], program: str) -> list[Tensor]:
     return [t.contiguous() for t in program_of(program).run(list(xs))]
 
 
-@fused.register_fake
-def _fused_fake(xs: list[Tensor], program: str) -> list[Tensor]:
-    return [t.contiguous() for t in program_of(program).run(list(xs))]
+def _fused_kernel(xs: list[Tensor], program: str) -> list[Tensor]:
+    from graphopt.kernels import codegen
+
+    return codegen.run(program_of(program), xs)
 
 
-@fused.register_kernel("cuda")
-def _fused_cuda(xs: list[Tensor], program: str) -> list[Tensor]:
-    prog = program_of(program)
-    if kernels_enabled():
-        from graphopt.kernels import codegen
+def _fused_why_not(xs: list[Tensor], program: str) -> str | None:
+    from graphopt.kernels import codegen
 
-        if codegen.why_not(prog, xs) is None:
-            key = f"fused {prog.key} {shape_key(*xs)}"
-            if _use_kernel(key, lambda: prog.run(list(xs)), lambda: codegen.run(prog, xs), xs[0]):
-                return codegen.run(prog, xs)
-    return [t.contiguous() for t in prog.run(list(xs))]
+    return codegen.why_not(program_of(program), xs)
+
+
+def _fused_schema(xs: list[Tensor], program: str) -> list[Tensor]:
+    """Run a fused group: its generated kernel on CUDA, its ATen decomposition elsewhere."""
+    return _fused_ref(xs, program)
+
+
+fused = _define("fused", Impl(_fused_ref, _fused_kernel, _fused_why_not), _fused_ref, _fused_schema)
 
 
 # -- GEMM / convolution with epilogue -----------------------------------------------------------
@@ -127,38 +176,40 @@ def _linear_ref(
     return y
 
 
-@torch.library.custom_op("graphopt::linear", mutates_args=())
-def linear(
+def _linear_kernel(x, w, b, r, act, alpha):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import gemm
+
+    return gemm.linear(x, w, b, act, r, alpha)
+
+
+def _linear_why_not(x, w, b, r, act, alpha):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import gemm
+
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return "the Triton GEMM is used for fp16/bf16 (fp32 stays with cuBLAS)"
+    if act not in gemm.EPILOGUES:
+        return f"activation {act!r} has no GEMM epilogue"
+    return None
+
+
+def _linear_fake(x, w, b, r, act, alpha):  # type: ignore[no-untyped-def]
+    y = x.new_empty((*x.shape[:-1], w.shape[0]))
+    return y if r is None else y + r
+
+
+def _linear_schema(
     x: Tensor, w: Tensor, b: Tensor | None, r: Tensor | None, act: str, alpha: float
 ) -> Tensor:
     """``act(alpha * (x @ w.T) + b) + r`` with the epilogue applied in place."""
     return _linear_ref(x, w, b, r, act, alpha)
 
 
-@linear.register_fake
-def _linear_fake(x, w, b, r, act, alpha):  # type: ignore[no-untyped-def]
-    y = x.new_empty((*x.shape[:-1], w.shape[0]))
-    return y if r is None else y + r
+linear = _define(
+    "linear", Impl(_linear_ref, _linear_kernel, _linear_why_not), _linear_fake, _linear_schema
+)
 
 
-@linear.register_kernel("cuda")
-def _linear_cuda(x, w, b, r, act, alpha):  # type: ignore[no-untyped-def]
-    if x.dtype in (torch.float16, torch.bfloat16) and kernels_enabled():
-        from graphopt.kernels import gemm
-
-        if act in gemm.EPILOGUES:
-            key = f"linear {act} {shape_key(x, w, b, r)}"
-
-            def kernel() -> Tensor:
-                return gemm.linear(x, w, b, act, r, alpha)
-
-            if _use_kernel(key, lambda: _linear_ref(x, w, b, r, act, alpha), kernel, x):
-                return kernel()
-    return _linear_ref(x, w, b, r, act, alpha)
-
-
-@torch.library.custom_op("graphopt::conv", mutates_args=())
-def conv(
+def _conv_ref(
     x: Tensor,
     w: Tensor,
     b: Tensor | None,
@@ -178,11 +229,17 @@ def conv(
     return ACTIVATIONS[act](y)
 
 
-@conv.register_fake
 def _conv_fake(x, w, b, r, stride, padding, dilation, groups, act):  # type: ignore[no-untyped-def]
     return torch.ops.aten.convolution.default(
         x, w, b, stride, padding, dilation, False, [0] * len(stride), groups
     )
+
+
+def _no_kernel(*args: Any) -> str:
+    return "no Triton convolution: cuDNN with an in-place epilogue"
+
+
+conv = _define("conv", Impl(_conv_ref, _conv_ref, _no_kernel), _conv_fake, _conv_ref)
 
 
 # -- norms, softmax, attention ------------------------------------------------------------------
@@ -195,7 +252,33 @@ def _norm_ref(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: s
     return torch.ops.aten.layer_norm.default(x, n, w, b, eps)
 
 
-def _norm_kernel(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str, r=None):  # type: ignore[no-untyped-def]
+def _norm_kernel(x, w, b, eps, kind):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import norms
+
+    if kind == "rms":
+        return norms.rms_norm(x, w, eps)[0]
+    return norms.layer_norm(x, w, b, eps)[0]
+
+
+def _norm_schema(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str) -> Tensor:
+    """``layer_norm`` (kind "layer") or ``rms_norm`` (kind "rms") over the last dim."""
+    return _norm_ref(x, w, b, eps, kind)
+
+
+norm = _define(
+    "norm",
+    Impl(_norm_ref, _norm_kernel, _always),
+    lambda x, w, b, eps, kind: torch.empty_like(x),
+    _norm_schema,
+)
+
+
+def _add_norm_ref(x, r, w, b, eps, kind):  # type: ignore[no-untyped-def]
+    s = x + r
+    return _norm_ref(s, w, b, eps, kind), s
+
+
+def _add_norm_kernel(x, r, w, b, eps, kind):  # type: ignore[no-untyped-def]
     from graphopt.kernels import norms
 
     if kind == "rms":
@@ -203,54 +286,30 @@ def _norm_kernel(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind
     return norms.layer_norm(x, w, b, eps, residual=r)
 
 
-@torch.library.custom_op("graphopt::norm", mutates_args=())
-def norm(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str) -> Tensor:
-    """``layer_norm`` (kind "layer") or ``rms_norm`` (kind "rms") over the last dim."""
-    return _norm_ref(x, w, b, eps, kind)
+def _add_norm_why_not(x, r, w, b, eps, kind):  # type: ignore[no-untyped-def]
+    if x.shape != r.shape or x.dtype != r.dtype:
+        return "the kernel takes a residual of the input's shape and dtype"
+    return None
 
 
-@norm.register_fake
-def _norm_fake(x, w, b, eps, kind):  # type: ignore[no-untyped-def]
-    return torch.empty_like(x)
-
-
-@norm.register_kernel("cuda")
-def _norm_cuda(x, w, b, eps, kind):  # type: ignore[no-untyped-def]
-    key = f"norm {kind} {shape_key(x, w, b)}"
-    if _use_kernel(
-        key, lambda: _norm_ref(x, w, b, eps, kind), lambda: _norm_kernel(x, w, b, eps, kind), x
-    ):
-        return _norm_kernel(x, w, b, eps, kind)[0]
-    return _norm_ref(x, w, b, eps, kind)
-
-
-@torch.library.custom_op("graphopt::add_norm", mutates_args=())
-def add_norm(
+def _add_norm_schema(
     x: Tensor, r: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str
 ) -> tuple[Tensor, Tensor]:
     """``s = x + r; (norm(s), s)``: the residual stream and its normalized value in one pass."""
-    s = x + r
-    return _norm_ref(s, w, b, eps, kind), s
+    return _add_norm_ref(x, r, w, b, eps, kind)
 
 
-@add_norm.register_fake
 def _add_norm_fake(x, r, w, b, eps, kind):  # type: ignore[no-untyped-def]
     s = x + r
     return torch.empty_like(s), torch.empty_like(s)
 
 
-@add_norm.register_kernel("cuda")
-def _add_norm_cuda(x, r, w, b, eps, kind):  # type: ignore[no-untyped-def]
-    def ref() -> tuple[Tensor, Tensor]:
-        s = x + r
-        return _norm_ref(s, w, b, eps, kind), s
-
-    if x.shape == r.shape and x.dtype == r.dtype:
-        key = f"add_norm {kind} {shape_key(x, r, w, b)}"
-        if _use_kernel(key, ref, lambda: _norm_kernel(x, w, b, eps, kind, r), x):
-            y, s = _norm_kernel(x, w, b, eps, kind, r)
-            return y, s
-    return ref()
+add_norm = _define(
+    "add_norm",
+    Impl(_add_norm_ref, _add_norm_kernel, _add_norm_why_not),
+    _add_norm_fake,
+    _add_norm_schema,
+)
 
 
 def _softmax_ref(x: Tensor, scale: float, mask: Tensor | None) -> Tensor:
@@ -260,73 +319,52 @@ def _softmax_ref(x: Tensor, scale: float, mask: Tensor | None) -> Tensor:
     return torch.softmax(y, -1)
 
 
-@torch.library.custom_op("graphopt::softmax", mutates_args=())
-def softmax(x: Tensor, scale: float, mask: Tensor | None) -> Tensor:
-    """``softmax(scale * x + mask, dim=-1)``; a bool mask keeps where True."""
-    return _softmax_ref(x, scale, mask)
-
-
-@softmax.register_fake
-def _softmax_fake(x, scale, mask):  # type: ignore[no-untyped-def]
-    return torch.empty_like(x) if mask is None else torch.empty_like(x + mask.to(x.dtype))
-
-
-@softmax.register_kernel("cuda")
-def _softmax_cuda(x, scale, mask):  # type: ignore[no-untyped-def]
+def _softmax_kernel(x, scale, mask):  # type: ignore[no-untyped-def]
     from graphopt.kernels import softmax as kernel_softmax
 
-    key = f"softmax {shape_key(x, mask)}"
+    return kernel_softmax.softmax(x, -1, scale, mask)
 
-    def kernel() -> Tensor:
-        return kernel_softmax.softmax(x, -1, scale, mask)
 
-    if _use_kernel(key, lambda: _softmax_ref(x, scale, mask), kernel, x):
-        return kernel()
+def _softmax_schema(x: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+    """``softmax(scale * x + mask, dim=-1)``; a bool mask keeps where True. The mask broadcasts
+    to ``x`` without enlarging it (fuse-kernels checks this)."""
     return _softmax_ref(x, scale, mask)
 
 
-def _sdpa(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, causal: bool
-) -> Tensor:
+softmax = _define(
+    "softmax",
+    Impl(_softmax_ref, _softmax_kernel, _always),
+    lambda x, scale, mask: torch.empty_like(x),
+    _softmax_schema,
+)
+
+
+def _sdpa(q, k, v, mask, scale, causal):  # type: ignore[no-untyped-def]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-@torch.library.custom_op("graphopt::attention", mutates_args=())
-def attention(
+def _attention_kernel(q, k, v, mask, scale, causal):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import attention as kernel_attention
+
+    return kernel_attention.attention(q, k, v, mask, scale, causal)
+
+
+def _attention_schema(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, causal: bool
 ) -> Tensor:
     """``scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale)``."""
     return _sdpa(q, k, v, mask, scale, causal)
 
 
-@attention.register_fake
-def _attention_fake(q, k, v, mask, scale, causal):  # type: ignore[no-untyped-def]
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+attention = _define(
+    "attention",
+    Impl(_sdpa, _attention_kernel, _always),
+    lambda q, k, v, mask, scale, causal: q.new_empty((*q.shape[:-1], v.shape[-1])),
+    _attention_schema,
+)
 
 
-@attention.register_kernel("cuda")
-def _attention_cuda(q, k, v, mask, scale, causal):  # type: ignore[no-untyped-def]
-    from graphopt.kernels import attention as kernel_attention
-
-    key = f"attention causal={causal} {shape_key(q, k, v, mask)}"
-
-    def kernel() -> Tensor:
-        return kernel_attention.attention(q, k, v, mask, scale, causal)
-
-    if _use_kernel(key, lambda: _sdpa(q, k, v, mask, scale, causal), kernel, q):
-        return kernel()
-    return _sdpa(q, k, v, mask, scale, causal)
-
-
-GRAPHOPT_OPS = {
-    "fused": torch.ops.graphopt.fused.default,
-    "linear": torch.ops.graphopt.linear.default,
-    "conv": torch.ops.graphopt.conv.default,
-    "norm": torch.ops.graphopt.norm.default,
-    "add_norm": torch.ops.graphopt.add_norm.default,
-    "softmax": torch.ops.graphopt.softmax.default,
-    "attention": torch.ops.graphopt.attention.default,
-}
+GRAPHOPT_OPS = {name: getattr(torch.ops.graphopt, name).default for name in IMPLS}
 
 # ops whose CPU implementation is exactly their ATen reference: fusing them pays the custom-op
 # dispatch (about 10 us a call) and gains nothing on the CPU
