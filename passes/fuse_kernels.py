@@ -79,6 +79,14 @@ def _norm(node: Node) -> Match | str | None:
     return Match([node], go.norm.default, (x, w, b, eps, kind))
 
 
+def _fits(mask: torch.Tensor, x: torch.Tensor) -> bool:
+    """Does ``mask`` broadcast to ``x``'s shape without enlarging it?"""
+    if mask.dim() > x.dim():
+        return False
+    pairs = zip(reversed(mask.shape), reversed(x.shape))
+    return all(str(m) == "1" or str(m) == str(d) for m, d in pairs)
+
+
 def _softmax(node: Node) -> Match | str | None:
     """softmax(x * s + m, -1) -> graphopt.softmax(x, s, m)"""
     x = node.args[0]
@@ -98,7 +106,7 @@ def _softmax(node: Node) -> Match | str | None:
             isinstance(m, Node)
             and vm is not None
             and vm.dtype == val.dtype
-            and vm.dim() <= val.dim()
+            and _fits(vm, val)
         ):
             nodes, mask, x = [x, *nodes], m, x.args[0]
     if isinstance(x, Node) and x.target in (aten.mul.Tensor, aten.div.Tensor) and len(x.users) == 1:
