@@ -79,7 +79,12 @@ def measure_all(
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return {name: do_bench(fn, return_mode="median") / 1e3 for name, fn in fns.items()}
+        # short windows: a choice needs a clear winner, not a third significant digit, and
+        # every choice adds to compile time
+        return {
+            name: do_bench(fn, warmup=5, rep=20, return_mode="median") / 1e3
+            for name, fn in fns.items()
+        }
     times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
         for fn in fns.values():  # warm-up

@@ -110,6 +110,9 @@ def compile_and_report(
             f"{name}  pipeline {compiled.pipeline or '(none)'}  ({report.total_s:.2f} s)", report
         )
     )
+    rules = report.rule_text()
+    if rules:
+        console.print(rules, markup=False, highlight=False)
     for w in caught:
         if issubclass(w.category, (graphopt.EquivalenceWarning, graphopt.StaticShapeWarning)):
             console.print(f"[yellow]warning:[/yellow] {w.message}")

@@ -41,3 +41,10 @@ def test_cli_errors_are_one_clear_line(capsys: pytest.CaptureFixture[str]) -> No
     assert "Did you mean 'fold-bn'" in capsys.readouterr().out
     assert main(["compile", "nofile.py:build"]) == 2
     assert "not found" in capsys.readouterr().out
+
+
+def test_compile_prints_why_not_fused(capsys: pytest.CaptureFixture[str]) -> None:
+    pipeline = "-O1,fuse-epilogue{measure=false}"
+    assert main(["compile", "mlp", "--pipeline", pipeline]) == 0
+    out = capsys.readouterr().out
+    assert "why (not) fused" in out and "linear+act: applied 2" in out
