@@ -102,12 +102,7 @@ def _softmax(node: Node) -> Match | str | None:
     if isinstance(x, Node) and x.target == aten.add.Tensor and len(x.users) == 1:
         m = x.args[1] if len(x.args) > 1 else None
         vm = _val(m)
-        if (
-            isinstance(m, Node)
-            and vm is not None
-            and vm.dtype == val.dtype
-            and _fits(vm, val)
-        ):
+        if isinstance(m, Node) and vm is not None and vm.dtype == val.dtype and _fits(vm, val):
             nodes, mask, x = [x, *nodes], m, x.args[0]
     if isinstance(x, Node) and x.target in (aten.mul.Tensor, aten.div.Tensor) and len(x.users) == 1:
         s = x.args[1] if len(x.args) > 1 else None
