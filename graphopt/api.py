@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ def compile(
     max_rewrites: int | None = None,
     dynamic_batch: bool = True,
     on_event: Event | None = None,
+    calibration_data: Iterable[Any] | None = None,
 ) -> CompiledModule:
     """Optimize ``model`` for inference and return a module that behaves like it.
 
@@ -49,6 +50,11 @@ def compile(
     ``example_inputs`` and judged against a float64 run of the captured graph; a pass that breaks
     its contract is rolled back with a warning (``on_fail="rollback"``) or raises
     ``EquivalenceError`` (``on_fail="raise"``). ``.report`` on the result has the per-pass table.
+
+    ``calibration_data`` (for ``int8``): an iterable of batches, each shaped like
+    ``example_inputs`` (a tensor or a tuple of positional inputs). Without it, the example
+    inputs are the only calibration batch. Under ``torch.distributed``, each process passes its
+    own shard and the observers are all-reduced, so every process gets the same model.
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(
@@ -66,6 +72,10 @@ def compile(
         target=resolved,
         on_event=on_event,
     )
+    if calibration_data is not None:
+        manager.ctx.calibration = [
+            pytree.tree_leaves((as_args(batch), kwargs)) for batch in calibration_data
+        ]
     gm = capture(model, args, kwargs, dynamic_batch=dynamic_batch)
     info = gm.meta["graphopt_capture"]
     flat_inputs = pytree.tree_leaves((args, kwargs))

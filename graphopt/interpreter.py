@@ -66,7 +66,10 @@ class Runner(torch.fx.Interpreter):
             args, kwargs = _promote(args), _promote(kwargs)
         if self.expand and target is _fused_op():
             return self._run_fused(args[0], args[1])
-        return super().call_function(target, args, kwargs)
+        result = super().call_function(target, args, kwargs)
+        # factory ops without a dtype (zeros, ones, full) make float32 even here: promote their
+        # results once, so later in-place writes through views land in the tensor others read
+        return _promote(result) if self.reference else result
 
     def _run_fused(self, inputs: list[Any], program: str) -> list[Any]:
         from graphopt.ops import program_of

@@ -371,3 +371,203 @@ GRAPHOPT_OPS = {name: getattr(torch.ops.graphopt, name).default for name in IMPL
 REFERENCE_ONLY_ON_CPU = frozenset(
     GRAPHOPT_OPS[k] for k in ("fused", "norm", "add_norm", "softmax", "attention")
 )
+
+
+# -- int8 ---------------------------------------------------------------------------------------
+# Symmetric int8 everywhere: range [-127, 127], zero point 0, round half to even (torch.round).
+# Scales are float64-promotable tensors or floats, so the float64 reference run of an int8
+# graph is the exact real-valued version of the integer arithmetic.
+
+QMAX = 127
+
+
+def _quantize_ref(x: Tensor, scale: float) -> Tensor:
+    return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+
+
+def _quantize_kernel(x, scale):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import int8_gemm
+
+    return int8_gemm.quantize_per_tensor(x, scale)
+
+
+def _quantize_schema(x: Tensor, scale: float) -> Tensor:
+    """``round(x / scale)`` clamped to [-127, 127], as int8 (per-tensor, symmetric)."""
+    return _quantize_ref(x, scale)
+
+
+quantize_per_tensor = _define(
+    "quantize_per_tensor",
+    Impl(_quantize_ref, _quantize_kernel, _always),
+    lambda x, scale: torch.empty_like(x, dtype=torch.int8),
+    _quantize_schema,
+)
+
+
+def _dequantize_schema(q: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """``q * scale`` in ``dtype`` (per-tensor)."""
+    return q.to(dtype) * scale
+
+
+dequantize_per_tensor = _define(
+    "dequantize_per_tensor",
+    Impl(_dequantize_schema, _dequantize_schema, _no_kernel),
+    lambda q, scale, dtype: torch.empty_like(q, dtype=dtype),
+    _dequantize_schema,
+)
+
+
+def _dequantize_channel_schema(q: Tensor, scales: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
+    """``q * scales`` along ``axis`` (per-channel weights), in ``dtype``."""
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    return q.to(dtype) * scales.to(dtype).reshape(shape)
+
+
+dequantize_per_channel = _define(
+    "dequantize_per_channel",
+    Impl(_dequantize_channel_schema, _dequantize_channel_schema, _no_kernel),
+    lambda q, scales, axis, dtype: torch.empty_like(q, dtype=dtype),
+    _dequantize_channel_schema,
+)
+
+
+def _int_mm(xq: Tensor, wq: Tensor) -> Tensor:
+    """int8 [..., K] x int8 [N, K] -> int32 [..., N], exact."""
+    flat = xq.reshape(-1, xq.shape[-1])
+    if flat.device.type == "cuda" and (flat.shape[0] <= 16 or flat.shape[1] % 8 or wq.shape[0] % 8):
+        # cuBLAS int8 needs M > 16 and K, N multiples of 8; float64 sums of int8 products are
+        # exact far beyond any int32 result
+        acc = torch.matmul(flat.double(), wq.double().t()).to(torch.int32)
+    else:
+        acc = torch._int_mm(flat, wq.t())
+    return acc.reshape(*xq.shape[:-1], wq.shape[0])
+
+
+def _epilogue(y: Tensor, b: Tensor | None, r: Tensor | None, act: str) -> Tensor:
+    if b is not None:
+        y = y.add_(b)
+    y = ACTIVATIONS[act](y)
+    if r is not None:
+        y = y.add_(r) if torch.broadcast_shapes(y.shape, r.shape) == y.shape else y + r
+    return y
+
+
+def _int8_linear_ref(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
+    acc = _int_mm(xq, wq)
+    y = acc.to(dtype) * (w_scale.to(dtype) * x_scale)
+    return _epilogue(y, b, r, act)
+
+
+def _int8_linear_kernel(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import int8_gemm
+
+    xs = torch.full((1,), x_scale, dtype=torch.float32, device=xq.device)
+    y = int8_gemm.int8_linear(xq, wq, xs, w_scale.float(), b, act, out_dtype=dtype)
+    return y if r is None else y + r
+
+
+def _int8_linear_why_not(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import int8_gemm
+
+    return None if act in int8_gemm.INT8_EPILOGUES else f"activation {act!r} has no epilogue"
+
+
+def _int8_linear_schema(
+    xq: Tensor,
+    x_scale: float,
+    wq: Tensor,
+    w_scale: Tensor,
+    b: Tensor | None,
+    r: Tensor | None,
+    act: str,
+    dtype: torch.dtype,
+) -> Tensor:
+    """W8A8 static: ``act((xq @ wq.T) * x_scale * w_scale + b) + r`` with an int32 accumulator."""
+    return _int8_linear_ref(xq, x_scale, wq, w_scale, b, r, act, dtype)
+
+
+int8_linear = _define(
+    "int8_linear",
+    Impl(_int8_linear_ref, _int8_linear_kernel, _int8_linear_why_not),
+    lambda xq, x_scale, wq, w_scale, b, r, act, dtype: xq.new_empty(
+        (*xq.shape[:-1], wq.shape[0]), dtype=dtype
+    ),
+    _int8_linear_schema,
+)
+
+
+def _quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / QMAX
+    return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8), scale
+
+
+def _int8_dynamic_ref(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
+    xq, x_scale = _quantize_per_token(x)
+    acc = _int_mm(xq, wq)
+    y = acc.to(x.dtype) * x_scale * w_scale.to(x.dtype)
+    return _epilogue(y, b, r, act)
+
+
+def _int8_dynamic_kernel(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import int8_gemm
+
+    flat = x.reshape(-1, x.shape[-1])
+    xq, xs = int8_gemm.quantize_per_token(flat)
+    y = int8_gemm.int8_linear(xq, wq, xs, w_scale.float(), b, act, out_dtype=x.dtype)
+    y = y.reshape(*x.shape[:-1], wq.shape[0])
+    return y if r is None else y + r
+
+
+def _int8_dynamic_why_not(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
+    return _int8_linear_why_not(x, 1.0, wq, w_scale, b, r, act, x.dtype)
+
+
+def _int8_dynamic_schema(
+    x: Tensor, wq: Tensor, w_scale: Tensor, b: Tensor | None, r: Tensor | None, act: str
+) -> Tensor:
+    """W8A8 dynamic: activations quantized per token at run time, then as ``int8_linear``."""
+    return _int8_dynamic_ref(x, wq, w_scale, b, r, act)
+
+
+int8_linear_dynamic = _define(
+    "int8_linear_dynamic",
+    Impl(_int8_dynamic_ref, _int8_dynamic_kernel, _int8_dynamic_why_not),
+    lambda x, wq, w_scale, b, r, act: x.new_empty((*x.shape[:-1], wq.shape[0])),
+    _int8_dynamic_schema,
+)
+
+
+def _w8a16_ref(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
+    w = wq.to(x.dtype) * w_scale.to(x.dtype)[:, None]
+    return _epilogue(F.linear(x, w), b, r, act)
+
+
+def _w8a16_kernel(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import int8_gemm
+
+    y = int8_gemm.w8a16_linear(x, wq, w_scale.float(), b, act)
+    return y if r is None else y + r
+
+
+def _w8a16_why_not(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return "weight-only int8 kernels take fp16/bf16 activations"
+    return _int8_linear_why_not(x, 1.0, wq, w_scale, b, r, act, x.dtype)
+
+
+def _w8a16_schema(
+    x: Tensor, wq: Tensor, w_scale: Tensor, b: Tensor | None, r: Tensor | None, act: str
+) -> Tensor:
+    """W8A16 weight-only: ``act(x @ (wq * w_scale).T + b) + r`` in x's dtype."""
+    return _w8a16_ref(x, wq, w_scale, b, r, act)
+
+
+w8a16_linear = _define(
+    "w8a16_linear",
+    Impl(_w8a16_ref, _w8a16_kernel, _w8a16_why_not),
+    lambda x, wq, w_scale, b, r, act: x.new_empty((*x.shape[:-1], wq.shape[0])),
+    _w8a16_schema,
+)
+
+GRAPHOPT_OPS.update({name: getattr(torch.ops.graphopt, name).default for name in IMPLS})

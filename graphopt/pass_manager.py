@@ -35,6 +35,8 @@ class PassContext:
     budget: RewriteBudget = field(default_factory=RewriteBudget)
     pass_name: str = ""
     rewriters: list[Rewriter] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=list)  # the example inputs, flat
+    calibration: list[list[Any]] | None = None  # calibration batches, each flat like inputs
 
     def rewriter(self, gm: GraphModule) -> Rewriter:
         rw = Rewriter(gm, self.pass_name, self.budget)
@@ -79,8 +81,24 @@ class Report:
             lines.append(
                 f"{r.name:<24} {r.time_s * 1e3:>7.1f}ms {nodes:>12} {r.rewrites:>8} {err:>11}  {r.status}"
             )
-        rules = self.rule_text()
-        return "\n".join(lines) + ("\n\n" + rules if rules else "")
+        extra = [text for text in (self.rule_text(), self.layer_text()) if text]
+        return "\n\n".join(["\n".join(lines), *extra])
+
+    def layer_text(self) -> str:
+        """Per-layer precision decisions (int8): error against float and the chosen precision."""
+        lines: list[str] = []
+        for r in self.records:
+            for row in r.stats.get("layers") or []:
+                sqnr = "-" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f} dB"
+                cos = "-" if row["cosine"] is None else f"{row['cosine']:.5f}"
+                why = f"  ({row['why']})" if row["why"] else ""
+                lines.append(
+                    f"{r.name:<10} {row['layer']:<28} {row['precision']:<6} {sqnr:>9} {cos:>9}{why}"
+                )
+        if not lines:
+            return ""
+        head = f"{'pass':<10} {'layer':<28} {'prec':<6} {'SQNR':>9} {'cosine':>9}"
+        return "\n".join(["per-layer precision", head, *lines])
 
     def rule_text(self, max_misses: int = 3) -> str:
         """The "why didn't it fuse" table: per rule, matches applied and the first near misses."""
@@ -130,6 +148,7 @@ class PassManager:
         self._report = report
         self._verifier = Verifier(gm, flat_inputs) if self.verify else None
         self._inputs = list(flat_inputs)
+        self.ctx.inputs = self._inputs
         gm = snapshot(gm)
         self._outputs = native_run(gm, self._inputs)[0] if self.verify else []
         self._aliases = self._verifier.alias_pairs(self._outputs, gm) if self._verifier else set()

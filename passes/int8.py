@@ -1,0 +1,296 @@
+"""int8: quantize linear layers to int8, calibrated, with per-layer sensitivity and fallback.
+
+Two steps, both passes:
+
+* ``int8{...}`` measures and decides. It calibrates the activation scales on the calibration
+  data, measures every layer's error against float (SQNR and cosine of the layer's output on
+  the first calibration batch), keeps in float every layer over the budget, checks the whole
+  graph against the budget (dropping the worst remaining layer until it fits), and then
+  rewrites each chosen layer into its QDQ form:
+
+      before:  %y = linear(%x, %w, %b)
+      after:   %q = graphopt.quantize_per_tensor(%x, s)
+               %xd = graphopt.dequantize_per_tensor(%q, s, f32)
+               %wd = graphopt.dequantize_per_channel(%w_int8, %w_scales, 0, f32)
+               %y = linear(%xd, %wd, %b)
+
+* ``lower-int8`` turns the QDQ form into int8 compute (see passes/lower_int8.py). With
+  ``lower=true`` (the default) ``int8`` runs that lowering itself.
+
+Symmetric int8 (range [-127, 127], zero point 0); weights per output channel; activations per
+tensor (``act=static``, calibrated) or per token at run time (``act=dynamic``); ``mode=w8a16``
+keeps activations in float and stores weights in int8. Norms, softmax and everything that is
+not a linear layer stay float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
+from graphopt import metrics
+from graphopt.errors import PipelineError
+from graphopt.interpreter import Runner, native_run
+from graphopt.ir import attr_path
+from graphopt.pass_manager import PassContext
+from graphopt.passes_base import Contract, Pass, PassResult, register_pass
+from graphopt.rewriter import Rewriter
+
+aten = torch.ops.aten
+go = torch.ops.graphopt
+
+RULE = "int8"
+
+
+@dataclass
+class Layer:
+    """One quantizable linear: ``act(alpha * x @ w.T + b) + r``."""
+
+    node: Node
+    x: Node
+    w: torch.Tensor
+    b: Any
+    r: Any
+    act: str
+    # filled in by the pass
+    w_q: torch.Tensor | None = None
+    w_scale: torch.Tensor | None = None
+    x_scale: float | None = None
+    sqnr: float | None = None
+    cosine: float | None = None
+    precision: str = "float"
+    why: str = ""
+
+
+def _layer(node: Node, gm: GraphModule) -> Layer | str | None:
+    """The layer at ``node``, a near-miss reason, or None when ``node`` is no linear."""
+    if node.target == aten.linear.default:
+        x, w_node = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        r, act, alpha = None, "none", 1.0
+    elif node.target == go.linear.default:
+        x, w_node, b, r, act, alpha = node.args
+    else:
+        return None
+    if not (isinstance(w_node, Node) and w_node.op == "get_attr"):
+        return "the weight is computed in the graph, not a stored tensor"
+    w = attr_path(gm, str(w_node.target))
+    if w.dim() != 2 or not w.is_floating_point():
+        return "the weight is not a 2-D float tensor"
+    if alpha != 1.0:
+        return "a GEMM scale (alpha) is not folded into int8 yet"
+    if act not in graphopt.ops.ACTIVATIONS:
+        return f"activation {act!r} has no int8 epilogue"
+    return Layer(node, x, w, b, r, act)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 weights and their fp32 scales."""
+    from graphopt.calibration import quantize_weight_per_channel
+
+    return quantize_weight_per_channel(w.detach(), axis=0)
+
+
+class _QuantRunner(Runner):
+    """Runs the float graph with the chosen layers computed in int8 (no graph edits)."""
+
+    def __init__(self, gm: GraphModule, layers: dict[Node, Layer], act: str, mode: str) -> None:
+        super().__init__(gm, record=False)
+        self.layers, self.act_mode, self.mode = layers, act, mode
+
+    def run_node(self, n: Node) -> Any:
+        layer = self.layers.get(n)
+        if layer is None:
+            return super().run_node(n)
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        x = self.env[layer.x]
+        b = self.env[layer.b] if isinstance(layer.b, Node) else layer.b
+        r = self.env[layer.r] if isinstance(layer.r, Node) else layer.r
+        del args
+        return _quantized(layer, x, b, r, self.act_mode, self.mode)
+
+
+def _quantized(layer: Layer, x: torch.Tensor, b: Any, r: Any, act: str, mode: str) -> torch.Tensor:
+    assert layer.w_q is not None and layer.w_scale is not None
+    if mode == "w8a16":
+        return go.w8a16_linear(x, layer.w_q, layer.w_scale, b, r, layer.act)
+    if act == "dynamic":
+        return go.int8_linear_dynamic(x, layer.w_q, layer.w_scale, b, r, layer.act)
+    assert layer.x_scale is not None
+    xq = go.quantize_per_tensor(x, layer.x_scale)
+    return go.int8_linear(xq, layer.x_scale, layer.w_q, layer.w_scale, b, r, layer.act, x.dtype)
+
+
+def _errors(want: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    return metrics.sqnr(got, want), metrics.cosine(got, want)
+
+
+@register_pass
+@dataclass(frozen=True)
+class Int8(Pass):
+    """Quantize linear layers to int8 within the user's budget (see the module docstring).
+
+    Options: ``calib`` (minmax | percentile | mse | entropy), ``act`` (static | dynamic),
+    ``mode`` (w8a8 | w8a16), ``min_cosine`` (the budget, on every output and every layer),
+    ``head`` (int8 | float: the last linear layer), ``lower`` (run lower-int8 afterwards).
+    """
+
+    name = "int8"
+    contract = Contract.lossy("cosine", 0.99)
+    runs_after = ("fold-bn", "fuse-epilogue")
+    calib: str = "percentile"
+    act: str = "static"
+    mode: str = "w8a8"
+    min_cosine: float = 0.99
+    head: str = "int8"
+    lower: bool = True
+
+    def contract_for(self) -> Contract:
+        return Contract.lossy("cosine", self.min_cosine)
+
+    def _check_options(self) -> None:
+        from graphopt.calibration import OBSERVERS
+
+        valid = {
+            "calib": tuple(OBSERVERS),
+            "act": ("static", "dynamic"),
+            "mode": ("w8a8", "w8a16"),
+            "head": ("int8", "float"),
+        }
+        for option, allowed in valid.items():
+            if getattr(self, option) not in allowed:
+                raise PipelineError(
+                    f"int8{{{option}={getattr(self, option)}}}: use one of {', '.join(allowed)}"
+                )
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        self._check_options()
+        rw = ctx.rewriter(gm)
+        layers = self._find_layers(gm, rw)
+        if not layers:
+            return PassResult(False, {"layers": []})
+        batches = ctx.calibration or [ctx.inputs]
+        self._prepare(gm, layers, batches)
+        chosen = self._choose(gm, layers, batches[0])
+        for layer in layers:
+            if layer.precision == "int8":
+                if not rw.allowed():
+                    layer.precision, layer.why = "float", "max_rewrites reached"
+                    continue
+                _rewrite_qdq(layer, rw, self.act, self.mode)
+                rw.applied(RULE)
+            else:
+                rw.missed(RULE, layer.node, layer.why)
+        if self.lower and chosen:
+            from graphopt.passes.lower_int8 import lower
+
+            lower(gm, rw)
+        table = [
+            {
+                "layer": layer.node.name,
+                "precision": layer.precision,
+                "sqnr_db": layer.sqnr,
+                "cosine": layer.cosine,
+                "why": layer.why,
+            }
+            for layer in layers
+        ]
+        return PassResult(bool(chosen), {"layers": table, "int8 layers": len(chosen)})
+
+    # -- steps -------------------------------------------------------------------------------
+    def _find_layers(self, gm: GraphModule, rw: Rewriter) -> list[Layer]:
+        layers: list[Layer] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            found = _layer(node, gm)
+            if isinstance(found, str):
+                rw.missed(RULE, node, found)
+            elif found is not None:
+                layers.append(found)
+        return layers
+
+    def _prepare(self, gm: GraphModule, layers: list[Layer], batches: list[list[Any]]) -> None:
+        """Quantize weights; calibrate activation scales (static W8A8 only)."""
+        for layer in layers:
+            layer.w_q, layer.w_scale = quantize_weight(layer.w)
+        if self.mode == "w8a8" and self.act == "static":
+            from graphopt.calibration import calibrate
+
+            names = sorted({layer.x.name for layer in layers})
+            observers = calibrate(gm, names, batches, self.calib)
+            for layer in layers:
+                layer.x_scale = float(observers[layer.x.name].scale())
+
+    def _choose(self, gm: GraphModule, layers: list[Layer], batch: list[Any]) -> list[Layer]:
+        """Per-layer sensitivity, then the end-to-end budget; returns the int8 layers."""
+        outputs, values = native_run(gm, batch, record=True)
+        for layer in layers:
+            x = values[layer.x.name]
+            b = values[layer.b.name] if isinstance(layer.b, Node) else layer.b
+            r = values[layer.r.name] if isinstance(layer.r, Node) else layer.r
+            got = _quantized(layer, x, b, r, self.act, self.mode)
+            layer.sqnr, layer.cosine = _errors(values[layer.node.name], got)
+            if layer.cosine < self.min_cosine:
+                layer.why = f"layer cosine {layer.cosine:.4f} < budget {self.min_cosine}"
+            else:
+                layer.precision = "int8"
+        if self.head == "float":
+            last = layers[-1]
+            if last.precision == "int8":
+                last.precision, last.why = "float", "head=float"
+        chosen = [layer for layer in layers if layer.precision == "int8"]
+        while chosen:
+            plan = {layer.node: layer for layer in chosen}
+            got = _QuantRunner(gm, plan, self.act, self.mode).run_graph(batch)
+            worst = min(
+                (metrics.cosine(g, w) for g, w in zip(got, outputs) if _is_float(w)), default=1.0
+            )
+            if worst >= self.min_cosine:
+                break
+            drop = min(chosen, key=lambda layer: layer.sqnr or 0.0)
+            drop.precision = "float"
+            drop.why = (
+                f"whole-graph cosine {worst:.4f} < budget {self.min_cosine}: least accurate layer"
+            )
+            chosen.remove(drop)
+        return chosen
+
+
+def _is_float(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _rewrite_qdq(layer: Layer, rw: Rewriter, act: str, mode: str) -> None:
+    """Replace the layer by its QDQ form (per-tensor static) or its dynamic/weight-only call."""
+    assert layer.w_q is not None and layer.w_scale is not None
+    node = layer.node
+    # earlier rewrites may have replaced this layer's inputs: read them from the node now
+    current = _layer(node, rw.gm)
+    assert isinstance(current, Layer)
+    layer.x, layer.b, layer.r = current.x, current.b, current.r
+    src = [node]
+    w_q = rw.constant(layer.w_q, hint=f"{node.name}_w_int8", sources=src)
+    w_s = rw.constant(layer.w_scale, hint=f"{node.name}_w_scale", sources=src)
+    if mode == "w8a16" or act == "dynamic":
+        target = go.w8a16_linear.default if mode == "w8a16" else go.int8_linear_dynamic.default
+        new = rw.call(
+            target, (layer.x, w_q, w_s, layer.b, layer.r, layer.act), before=node, sources=src
+        )
+        rw.replace(node, new)
+        return
+    dtype = layer.x.meta["val"].dtype
+    s = layer.x_scale
+    q = rw.call(go.quantize_per_tensor.default, (layer.x, s), before=node, sources=src)
+    xd = rw.call(go.dequantize_per_tensor.default, (q, s, dtype), before=node, sources=src)
+    wd = rw.call(go.dequantize_per_channel.default, (w_q, w_s, 0, dtype), before=node, sources=src)
+    if layer.r is None and layer.act == "none" and node.target == aten.linear.default:
+        new = rw.call(aten.linear.default, (xd, wd, layer.b), before=node, sources=src)
+    else:
+        args = (xd, wd, layer.b, layer.r, layer.act, 1.0)
+        new = rw.call(go.linear.default, args, before=node, sources=src)
+    rw.replace(node, new)
