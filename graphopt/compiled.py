@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 
 from graphopt.capture import _batch_dims, _export, normalize
 from graphopt.errors import InputMismatchError, SerializationError
+from graphopt.ops import executable
 
 FORMAT = "graphopt-model/1"
 
@@ -145,7 +146,8 @@ class CompiledModule(torch.nn.Module):
         target: str = "cpu",
     ) -> None:
         super().__init__()
-        self.gm = gm
+        self.gm = gm  # the optimized graph: saved, exported and reported
+        self._exec = executable(gm)  # the same graph calling graphopt ops without the dispatcher
         self.signature = signature
         self.report = report
         self.pipeline = pipeline
@@ -154,7 +156,7 @@ class CompiledModule(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.signature.check(args, kwargs)
         with torch.no_grad():  # compiled models are for inference: weights are folded constants
-            return self.gm(*args, **kwargs)
+            return self._exec(*args, **kwargs)
 
     @property
     def graph(self) -> torch.fx.Graph:

@@ -243,10 +243,13 @@ def _run_match(match: Match, gm: GraphModule) -> tuple[Callable[[], Any], Callab
 
     args = real(match.args)
     kwargs = {k: real(v) for k, v in match.kwargs.items()}
+    from graphopt.ops import DIRECT
+
+    target = DIRECT.get(match.target, match.target)  # as the compiled model will call it
     from graphopt.autotune import shape_key
 
     key = f"{program.key} {shape_key(*ins)}"
-    return (lambda: program.run(ins)), (lambda: match.target(*args, **kwargs)), key
+    return (lambda: program.run(ins)), (lambda: target(*args, **kwargs)), key
 
 
 def apply_fusion_rules(

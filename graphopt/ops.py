@@ -381,8 +381,13 @@ REFERENCE_ONLY_ON_CPU = frozenset(
 QMAX = 127
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _quantize_ref(x: Tensor, scale: float) -> Tensor:
-    return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    # divide in fp32 at least (as the kernel does): fp16 quotients would shift ties
+    return torch.round(_at_least_fp32(x) / scale).clamp_(-QMAX, QMAX).to(torch.int8)
 
 
 def _quantize_kernel(x, scale):  # type: ignore[no-untyped-def]
@@ -455,8 +460,10 @@ def _epilogue(y: Tensor, b: Tensor | None, r: Tensor | None, act: str) -> Tensor
 
 def _int8_linear_ref(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
     acc = _int_mm(xq, wq)
-    y = acc.to(dtype) * (w_scale.to(dtype) * x_scale)
-    return _epilogue(y, b, r, act)
+    # scale in fp32 at least: an int32 accumulator overflows fp16 long before it overflows
+    ftype = torch.promote_types(dtype, torch.float32)
+    y = acc.to(ftype) * (w_scale.to(ftype) * x_scale)
+    return _epilogue(y, b, r, act).to(dtype)
 
 
 def _int8_linear_kernel(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
@@ -498,6 +505,7 @@ int8_linear = _define(
 
 
 def _quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    x = _at_least_fp32(x)
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / QMAX
     return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8), scale
 
@@ -505,8 +513,8 @@ def _quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
 def _int8_dynamic_ref(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
     xq, x_scale = _quantize_per_token(x)
     acc = _int_mm(xq, wq)
-    y = acc.to(x.dtype) * x_scale * w_scale.to(x.dtype)
-    return _epilogue(y, b, r, act)
+    y = acc.to(x_scale.dtype) * x_scale * w_scale.to(x_scale.dtype)
+    return _epilogue(y, b, r, act).to(x.dtype)
 
 
 def _int8_dynamic_kernel(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
@@ -571,3 +579,37 @@ w8a16_linear = _define(
 )
 
 GRAPHOPT_OPS.update({name: getattr(torch.ops.graphopt, name).default for name in IMPLS})
+
+
+def _direct(name: str) -> Callable[..., Any]:
+    impl = IMPLS[name]
+    cuda = impl.cuda(name)
+
+    def run(*args: Any) -> Any:
+        first = next(
+            t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, Tensor)
+        )
+        return cuda(*args) if first.device.type == "cuda" else impl.reference(*args)
+
+    run.__name__ = f"graphopt_{name}"
+    return run
+
+
+# op overload -> the same computation as a plain function, without the dispatcher's Python
+# overhead (25 to 50 us a call on the CPU, measured); compiled models execute through these
+DIRECT: dict[Any, Callable[..., Any]] = {GRAPHOPT_OPS[name]: _direct(name) for name in IMPLS}
+
+
+def executable(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` for execution, calling graphopt ops directly (weights shared)."""
+    if not any(n.op == "call_function" and n.target in DIRECT for n in gm.graph.nodes):
+        return gm
+    graph = torch.fx.Graph()
+    graph.set_codegen(gm.graph._codegen)  # the same input/output structure (pytree specs)
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        new = graph.node_copy(node, lambda n: env[n])
+        if new.op == "call_function" and new.target in DIRECT:
+            new.target = DIRECT[new.target]
+        env[node] = new
+    return torch.fx.GraphModule(gm, graph)

@@ -10,7 +10,15 @@ medians in milliseconds (it warms up, then flushes L2 before each repetition).
         ``F.rms_norm``);
     (c) gemm.linear with fused epilogues against cuBLAS ``F.linear`` followed by the separate
         activation / residual add, on BERT-base and GPT-2-small FFN shapes in fp16;
-    (d) attention against ``F.scaled_dot_product_attention`` with the flash backend.
+    (d) attention against ``F.scaled_dot_product_attention`` with the flash backend;
+    (e) int8_gemm.int8_matmul_i32 at 8192^3 against ``torch._int_mm`` with its second operand
+        column-major (``w.t()`` of a row-major ``[N, K]`` weight) and row-major, in TOPS and
+        percent of the faster ``_int_mm`` layout;
+    (f) int8_gemm.int8_linear (per-token x per-channel scales, bias, gelu, fp16 out) on BERT-base
+        FFN shapes against fp16 ``F.linear`` + ``F.gelu``; ``ms_with_quantize`` adds the
+        per-token quantization of x;
+    (g) int8_gemm.w8a16_linear at GPT-2-small decode shapes (M = 1) against fp16 ``F.linear``,
+        as achieved bandwidth on the bytes each one must read.
 """
 
 from __future__ import annotations
@@ -206,12 +214,128 @@ def _attention_rows(device: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _int8_matmul_rows(device: str) -> list[dict[str, Any]]:
+    from graphopt.kernels import int8_gemm
+
+    m = n = k = 8192
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)  # nn.Linear layout
+    w_row_major = w.t().contiguous()  # [K, N]
+    candidates = {
+        "ours": lambda: int8_gemm.int8_matmul_i32(x, w),
+        "ours_wq_col_major": lambda: int8_gemm.int8_matmul_i32(x, w_row_major.t()),
+        "int_mm_col_major": lambda: torch._int_mm(x, w.t()),
+        "int_mm_row_major": lambda: torch._int_mm(x, w_row_major),
+    }
+    ref = x.double() @ w.double().T  # exact: every partial sum is below 2**53
+    errs = {name: _rel_err(fn(), ref) for name, fn in candidates.items()}  # ours autotunes here
+    del ref
+    ms = {name: _ms(fn) for name, fn in candidates.items()}
+    best = min(("int_mm_col_major", "int_mm_row_major"), key=ms.__getitem__)
+    ops = 2.0 * m * n * k
+    return [
+        _row(
+            "int8_matmul_i32", (m, k, n), torch.int8, ms["ours"], ms[best], errs["ours"],
+            f"torch._int_mm, faster layout ({best.removeprefix('int_mm_').replace('_', '-')} B)",
+            tops=ops / (ms["ours"] * 1e-3) / 1e12, baseline_tops=ops / (ms[best] * 1e-3) / 1e12,
+            pct_of_best_int_mm=100.0 * ms[best] / ms["ours"],
+            ms_wq_col_major=ms["ours_wq_col_major"],
+            int_mm_col_major_ms=ms["int_mm_col_major"], int_mm_row_major_ms=ms["int_mm_row_major"],
+            baseline_max_rel_err=max(errs["int_mm_col_major"], errs["int_mm_row_major"]),
+        )
+    ]  # fmt: skip
+
+
+def _int8_linear_rows(device: str) -> list[dict[str, Any]]:
+    from graphopt.kernels import int8_gemm
+
+    cases = [
+        # name, M, K, N
+        ("bert-base ffn-up int8 bias+gelu", 32 * 128, 768, 3072),
+        ("bert-base ffn-down int8 bias+gelu", 32 * 128, 3072, 768),
+    ]
+    rows = []
+    for name, m, k, n in cases:
+        x = torch.randn(m, k, device=device, dtype=torch.float16)
+        w = torch.randn(n, k, device=device, dtype=torch.float16) / math.sqrt(k)
+        b = torch.randn(n, device=device, dtype=torch.float16)
+        xq, xs = int8_gemm.quantize_per_token(x)
+        wq, ws = int8_gemm.quantize_per_token(w)  # per output channel
+
+        def ours(xq=xq, xs=xs, wq=wq, ws=ws, b=b) -> torch.Tensor:
+            return int8_gemm.int8_linear(xq, wq, xs, ws, b, "gelu", torch.float16)
+
+        def with_quantize(x=x, wq=wq, ws=ws, b=b) -> torch.Tensor:
+            xq, xs = int8_gemm.quantize_per_token(x)
+            return int8_gemm.int8_linear(xq, wq, xs, ws, b, "gelu", torch.float16)
+
+        def baseline(x=x, w=w, b=b) -> torch.Tensor:
+            return F.gelu(F.linear(x, w, b))
+
+        acc = xq.double() @ wq.double().T
+        ref = F.gelu(acc * xs.double()[:, None] * ws.double()[None, :] + b.double())
+        err = max(_rel_err(ours(), ref), _rel_err(with_quantize(), ref))  # ours autotunes here
+        # the quantization error itself, against the fp16 layer computed in float64
+        quant_err = _rel_err(ours(), F.gelu(x.double() @ w.double().T + b.double()))
+        ms, base_ms, quant_ms = _ms(ours), _ms(baseline), _ms(with_quantize)
+        ops = 2.0 * m * n * k
+        rows.append(
+            _row(
+                name, (m, k, n), torch.int8, ms, base_ms, err, "fp16 cuBLAS F.linear + F.gelu",
+                tops=ops / (ms * 1e-3) / 1e12, baseline_tflops=ops / (base_ms * 1e-3) / 1e12,
+                ms_with_quantize=quant_ms, speedup_with_quantize=base_ms / quant_ms,
+                quantization_rel_err=quant_err,
+            )
+        )  # fmt: skip
+    return rows
+
+
+def _w8a16_rows(device: str) -> list[dict[str, Any]]:
+    from graphopt.kernels import int8_gemm
+
+    cases = [
+        # name, M, K, N
+        ("gpt2-small qkv decode w8a16", 1, 768, 2304),
+        ("gpt2-small ffn-up decode w8a16", 1, 768, 3072),
+        ("gpt2-small ffn-down decode w8a16", 1, 3072, 768),
+    ]
+    rows = []
+    for name, m, k, n in cases:
+        x = torch.randn(m, k, device=device, dtype=torch.float16)
+        w = torch.randn(n, k, device=device, dtype=torch.float16) / math.sqrt(k)
+        b = torch.randn(n, device=device, dtype=torch.float16)
+        wq, ws = int8_gemm.quantize_per_token(w)  # per output channel
+
+        def ours(x=x, wq=wq, ws=ws, b=b) -> torch.Tensor:
+            return int8_gemm.w8a16_linear(x, wq, ws, b)
+
+        def baseline(x=x, w=w, b=b) -> torch.Tensor:
+            return F.linear(x, w, b)
+
+        ref = x.double() @ (wq.double() * ws.double()[:, None]).T + b.double()
+        err = _rel_err(ours(), ref)  # the first call also autotunes
+        ms, base_ms = _ms(ours), _ms(baseline)
+        io = 2 * (m * k + n + m * n)  # x, bias and y in fp16
+        moved, base_moved = n * k + 4 * n + io, 2 * n * k + io  # + the int8 weight and scales
+        rows.append(
+            _row(
+                name, (m, k, n), torch.float16, ms, base_ms, err, "fp16 cuBLAS F.linear",
+                gbps=moved / (ms * 1e-3) / 1e9, baseline_gbps=base_moved / (base_ms * 1e-3) / 1e9,
+                split_k=float(int8_gemm._choose_split_k(m, n, k, x.device)),
+            )
+        )  # fmt: skip
+    return rows
+
+
 def kernel_benchmarks(device: str = "cuda") -> list[dict[str, Any]]:
-    """Runs benchmarks (a)-(d) of the module docstring and returns one dict per measurement.
+    """Runs benchmarks (a)-(g) of the module docstring and returns one dict per measurement.
 
     Each dict has ``name, shape, dtype, ms, baseline_ms, speedup, max_rel_err, baseline`` and
-    ``gbps`` and ``pct_of_copy`` (copy, norms; norms also ``baseline_gbps``, on the same
-    logical bytes) or ``tflops`` and ``baseline_tflops`` (GEMM, attention). Raises ``GraphoptError`` without a CUDA GPU.
+    one throughput: ``gbps`` (copy, norms with ``pct_of_copy`` and ``baseline_gbps`` on the same
+    logical bytes; w8a16 with ``baseline_gbps`` on the bytes each side reads), ``tflops`` and
+    ``baseline_tflops`` (fp16 GEMM, attention) or ``tops`` (int8: tera integer multiply-adds x 2;
+    with ``baseline_tops`` or, against an fp16 baseline, ``baseline_tflops``).
+    Raises ``GraphoptError`` without a CUDA GPU.
     """
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         raise GraphoptError("kernel benchmarks need a CUDA GPU")
@@ -220,4 +344,7 @@ def kernel_benchmarks(device: str = "cuda") -> list[dict[str, Any]]:
     rows += _norm_rows(device, copy_gbps[torch.float16])
     rows += _gemm_rows(device)
     rows += _attention_rows(device)
+    rows += _int8_matmul_rows(device)
+    rows += _int8_linear_rows(device)
+    rows += _w8a16_rows(device)
     return rows

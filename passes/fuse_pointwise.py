@@ -27,6 +27,7 @@ from graphopt.fusion import (
     partition,
     program_of_nodes,
 )
+from graphopt.ops import DIRECT
 from graphopt.pass_manager import PassContext
 from graphopt.passes_base import Contract, Pass, PassResult, register_pass
 from graphopt.program import op_name
@@ -110,7 +111,7 @@ class FusePointwise(Pass):
                 why = measured_faster(
                     f"fused {program.key} {shape_key(*ins)}",
                     lambda ins=ins, program=program: program.run(ins),
-                    lambda ins=ins, text=text: torch.ops.graphopt.fused.default(ins, text),
+                    lambda ins=ins, text=text: DIRECT[torch.ops.graphopt.fused.default](ins, text),
                     device,
                 )
                 if why is not None:

@@ -25,6 +25,7 @@ not a linear layer stay float.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +137,8 @@ class Int8(Pass):
 
     Options: ``calib`` (minmax | percentile | mse | entropy), ``act`` (static | dynamic),
     ``mode`` (w8a8 | w8a16), ``min_cosine`` (the budget, on every output and every layer),
-    ``head`` (int8 | float: the last linear layer), ``lower`` (run lower-int8 afterwards).
+    ``head`` (int8 | float: the last linear layer), ``lower`` (run lower-int8 afterwards),
+    ``smooth`` (SmoothQuant migration strength alpha, 0 = off; static W8A8 only).
     """
 
     name = "int8"
@@ -148,6 +150,7 @@ class Int8(Pass):
     min_cosine: float = 0.99
     head: str = "int8"
     lower: bool = True
+    smooth: float = 0.0
 
     def contract_for(self) -> Contract:
         return Contract.lossy("cosine", self.min_cosine)
@@ -174,6 +177,9 @@ class Int8(Pass):
         if not layers:
             return PassResult(False, {"layers": []})
         batches = ctx.calibration or [ctx.inputs]
+        if self.smooth > 0 and self.mode == "w8a8" and self.act == "static":
+            _smooth(gm, layers, batches, self.smooth, rw)
+            layers = self._find_layers(gm, None)  # the smoothed layers
         self._prepare(gm, layers, batches)
         chosen = self._choose(gm, layers, batches[0])
         for layer in layers:
@@ -202,14 +208,16 @@ class Int8(Pass):
         return PassResult(bool(chosen), {"layers": table, "int8 layers": len(chosen)})
 
     # -- steps -------------------------------------------------------------------------------
-    def _find_layers(self, gm: GraphModule, rw: Rewriter) -> list[Layer]:
+    def _find_layers(self, gm: GraphModule, rw: Rewriter | None) -> list[Layer]:
+        """The graph's linear layers (near misses recorded when ``rw`` is given)."""
         layers: list[Layer] = []
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
             found = _layer(node, gm)
             if isinstance(found, str):
-                rw.missed(RULE, node, found)
+                if rw is not None:
+                    rw.missed(RULE, node, found)
             elif found is not None:
                 layers.append(found)
         return layers
@@ -222,7 +230,8 @@ class Int8(Pass):
             from graphopt.calibration import calibrate
 
             names = sorted({layer.x.name for layer in layers})
-            observers = calibrate(gm, names, batches, self.calib)
+            # a progress bar over the calibration batches when someone is watching
+            observers = calibrate(gm, names, batches, self.calib, progress=sys.stderr.isatty())
             for layer in layers:
                 layer.x_scale = float(observers[layer.x.name].scale())
 
@@ -259,6 +268,46 @@ class Int8(Pass):
             )
             chosen.remove(drop)
         return chosen
+
+
+def _smooth(
+    gm: GraphModule, layers: list[Layer], batches: list[list[Any]], alpha: float, rw: Rewriter
+) -> None:
+    """SmoothQuant: move activation outliers into the weights, per input channel j:
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha);  x @ W.T == (x / s) @ (W * s).T
+
+        before:  %y = linear(%x, %w, %b)
+        after:   %xs = div(%x, %s); %y = linear(%xs, %w_smoothed, %b)
+    """
+    amax: dict[Node, torch.Tensor] = {}
+    for batch in batches:
+        _, values = native_run(gm, batch, record=True)
+        for layer in layers:
+            v = values[layer.x.name].detach().abs().reshape(-1, layer.w.shape[1]).amax(0)
+            prev = amax.get(layer.node)
+            amax[layer.node] = v if prev is None else torch.maximum(prev, v)
+    for layer in layers:
+        node = layer.node
+        if not rw.allowed():
+            return
+        current = _layer(node, gm)  # earlier rewrites may have replaced its inputs
+        assert isinstance(current, Layer)
+        layer.x, layer.b, layer.r = current.x, current.b, current.r
+        ax = amax[node].double().clamp_min(1e-5)
+        aw = layer.w.detach().abs().amax(0).double().clamp_min(1e-5)
+        scale = (ax**alpha / aw ** (1 - alpha)).clamp_min(1e-5)
+        w = (layer.w.detach().double() * scale).to(layer.w.dtype)
+        src = [node]
+        s_node = rw.constant(scale.to(layer.w.dtype), hint=f"{node.name}_smooth", sources=src)
+        w_node = rw.constant(w, hint=f"{node.name}_w_smoothed", sources=src)
+        xs = rw.call(aten.div.Tensor, (layer.x, s_node), before=node, sources=src)
+        if node.target == aten.linear.default:
+            new = rw.call(aten.linear.default, (xs, w_node, layer.b), before=node, sources=src)
+        else:
+            args = (xs, w_node, layer.b, layer.r, layer.act, 1.0)
+            new = rw.call(go.linear.default, args, before=node, sources=src)
+        rw.replace(node, new)
+        rw.applied("smooth")
 
 
 def _is_float(x: Any) -> bool:

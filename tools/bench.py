@@ -161,6 +161,19 @@ def _graphopt(pipeline: str, gpu_only: bool = False) -> Callable[[Setup], Runner
     return make
 
 
+def _graphopt_int8(pipeline: str) -> Callable[[Setup], Runner]:
+    """graphopt with int8, calibrated on 8 random batches shaped like the example inputs."""
+
+    def make(s: Setup) -> Runner:
+        g = torch.Generator().manual_seed(11)
+        calib = [tuple(random_like(x, g) for x in s.inputs) for _ in range(8)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return graphopt.compile(s.model, s.inputs, pipeline=pipeline, calibration_data=calib)
+
+    return make
+
+
 def _onnxruntime(s: Setup) -> Runner:
     try:
         import onnxruntime as ort
@@ -205,12 +218,16 @@ MODES: dict[str, Callable[[Setup], Runner]] = {
     **{f"graphopt{level}": _graphopt(level) for level in OPT_LEVELS},
     "graphopt-O2-fp16": _graphopt(half_pipeline("-O2", "fp16", 0.999), gpu_only=True),
     "graphopt-O2-bf16": _graphopt(half_pipeline("-O2", "bf16", 0.999), gpu_only=True),
+    "graphopt-O2-int8": _graphopt_int8("-O2,int8"),
+    "graphopt-O2-int8-dynamic": _graphopt_int8("-O2,int8{act=dynamic}"),
     "onnxruntime": _onnxruntime,
 }
 DEFAULT_MODES = [
     "eager",
     "torch.compile",
     *(f"graphopt{level}" for level in OPT_LEVELS),
+    "graphopt-O2-int8",
+    "graphopt-O2-int8-dynamic",
     "onnxruntime",
 ]
 GPU_EXTRA_MODES = [
@@ -629,11 +646,18 @@ class BenchReport:
 
 def kernel_table(rows: Sequence[dict[str, Any]]) -> str:
     """One row per kernel measurement from ``graphopt.kernels.bench.kernel_benchmarks``."""
-    head = "| kernel | shape | dtype | ms | baseline ms | speedup | GB/s or TFLOPS | max rel err |"
+    head = "| kernel | shape | dtype | ms | baseline ms | speedup | rate | max rel err |"
     lines = [head, "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        rate = r.get("gbps") or r.get("tflops")
-        unit = " GB/s" if r.get("gbps") else " TFLOPS" if r.get("tflops") else ""
+        rate = r.get("gbps") or r.get("tflops") or r.get("tops")
+        unit = next(
+            (
+                u
+                for k, u in (("gbps", " GB/s"), ("tflops", " TFLOPS"), ("tops", " TOPS"))
+                if r.get(k)
+            ),
+            "",
+        )
         lines.append(
             f"| {r.get('name')} | {r.get('shape')} | {r.get('dtype')} | {_fmt(r.get('ms'), '.4f')} "
             f"| {_fmt(r.get('baseline_ms'), '.4f')} | {_fmt(r.get('speedup'), '.2f')} "

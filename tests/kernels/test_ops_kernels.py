@@ -38,6 +38,9 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, tuple]]:
     w, b = _r(33, dtype=dtype), _r(33, dtype=dtype)
     q, k, v = (_r(1, 2, 7, 16, dtype=dtype) for _ in range(3))
     mask = _r(1, 1, 7, 7, dtype=dtype)
+    xq = torch.randint(-127, 128, (5, 33), generator=_GEN, dtype=torch.int8).to(DEVICE)
+    wq = torch.randint(-127, 128, (19, 33), generator=_GEN, dtype=torch.int8).to(DEVICE)
+    w_scale = (torch.rand(19, generator=_GEN) / 100 + 1e-3).to(DEVICE)
     return [
         ("fused", ([x, b], _program())),
         (
@@ -52,6 +55,10 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, tuple]]:
         ("softmax", (x, 1.0, torch.rand(5, 33, generator=_GEN).to(DEVICE) > 0.2)),
         ("attention", (q, k, v, mask, None, False)),
         ("attention", (q, k, v, None, 0.3, True)),
+        ("quantize_per_tensor", (x, 0.02)),
+        ("int8_linear", (xq, 0.02, wq, w_scale, _r(19, dtype=dtype), None, "relu", dtype)),
+        ("int8_linear_dynamic", (x, wq, w_scale, None, _r(5, 19, dtype=dtype), "gelu")),
+        ("w8a16_linear", (x, wq, w_scale, _r(19, dtype=dtype), None, "silu")),
     ]
 
 
@@ -59,8 +66,8 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, tuple]]:
 def test_kernel_matches_reference(dtype: torch.dtype) -> None:
     for name, args in _cases(dtype):
         impl = IMPLS[name]
-        if impl.why_not(*args) is not None:  # fp32 linear stays with cuBLAS by design
-            assert name == "linear" and dtype == torch.float32
+        if impl.why_not(*args) is not None:  # fp32 GEMMs stay with cuBLAS by design
+            assert name in ("linear", "w8a16_linear") and dtype == torch.float32
             continue
         want, got = impl.reference(*args), impl.kernel(*args)
         want = want if isinstance(want, (list, tuple)) else [want]
@@ -73,8 +80,9 @@ def test_kernel_matches_reference(dtype: torch.dtype) -> None:
 
 def test_every_op_has_a_case() -> None:
     covered = {name for name, _ in _cases(torch.float32)}
-    assert covered == set(IMPLS) - {"conv"}  # conv runs cuDNN/ATen on every device
-    assert IMPLS["conv"].why_not() is not None
+    no_kernel = {"conv", "dequantize_per_tensor", "dequantize_per_channel"}  # ATen everywhere
+    assert covered == set(IMPLS) - no_kernel
+    assert all(IMPLS[name].why_not() is not None for name in no_kernel)
 
 
 def test_program_text_round_trips() -> None:

@@ -170,3 +170,33 @@ def test_every_zoo_model_within_budget(name: str) -> None:
             total += want.shape[0]
     if total:
         assert agree / total >= 0.99
+
+
+def test_smoothquant_moves_outliers_into_the_weights() -> None:
+    """Outlier input channels: plain static int8 loses the small channels; smooth=0.5 keeps them."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.ln, self.fc = nn.LayerNorm(32), nn.Linear(32, 32)
+            with torch.no_grad():
+                self.ln.weight[:2] = 60.0  # two outlier channels, as in large transformers
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.ln(x))
+
+    model, x = Block(), torch.randn(16, 32)
+    calib = _batches(4, 16, 32)
+
+    def layer_cosine(pipeline: str) -> float:
+        run = graphopt.compile(model, (x,), pipeline=pipeline, calibration_data=calib)
+        record = next(r for r in run.report.records if r.name == "int8")
+        return record.stats["layers"][0]["cosine"]
+
+    plain = layer_cosine("int8{calib=minmax,min_cosine=0.5}")
+    smooth = layer_cosine("int8{calib=minmax,min_cosine=0.5,smooth=0.5}")
+    assert smooth > plain
+    run = run_pipeline(model, (x,), "int8{calib=minmax,smooth=0.5}")
+    assert run.report.records[0].rules["smooth"].applied == 1
+    assert min(_cosines(model(x), run.after(x))) >= 0.99
