@@ -504,6 +504,48 @@ int8_linear = _define(
 )
 
 
+def _int8_requant_ref(xq, x_scale, wq, w_scale, b, r, act, out_scale):  # type: ignore[no-untyped-def]
+    y = _int8_linear_ref(xq, x_scale, wq, w_scale, b, r, act, torch.float32)
+    return _quantize_ref(y, out_scale)
+
+
+def _int8_requant_kernel(xq, x_scale, wq, w_scale, b, r, act, out_scale):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import int8_gemm
+
+    xs = torch.full((1,), x_scale, dtype=torch.float32, device=xq.device)
+    return int8_gemm.int8_linear(xq, wq, xs, w_scale.float(), b, act, out_scale=out_scale)
+
+
+def _int8_requant_why_not(xq, x_scale, wq, w_scale, b, r, act, out_scale):  # type: ignore[no-untyped-def]
+    if r is not None:
+        return "the requantizing kernel has no residual input"
+    return _int8_linear_why_not(xq, x_scale, wq, w_scale, b, r, act, torch.float32)
+
+
+def _int8_requant_schema(
+    xq: Tensor,
+    x_scale: float,
+    wq: Tensor,
+    w_scale: Tensor,
+    b: Tensor | None,
+    r: Tensor | None,
+    act: str,
+    out_scale: float,
+) -> Tensor:
+    """``int8_linear`` whose epilogue requantizes: int8 out, for a chain that stays int8."""
+    return _int8_requant_ref(xq, x_scale, wq, w_scale, b, r, act, out_scale)
+
+
+int8_linear_requant = _define(
+    "int8_linear_requant",
+    Impl(_int8_requant_ref, _int8_requant_kernel, _int8_requant_why_not),
+    lambda xq, x_scale, wq, w_scale, b, r, act, out_scale: xq.new_empty(
+        (*xq.shape[:-1], wq.shape[0]), dtype=torch.int8
+    ),
+    _int8_requant_schema,
+)
+
+
 def _quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     x = _at_least_fp32(x)
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / QMAX

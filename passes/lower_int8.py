@@ -5,6 +5,9 @@
              %y = linear(%xd, %wd, %b)            (or graphopt.linear(.., %r, act, 1.0))
     after:   %y = graphopt.int8_linear(%q, s, %w_int8, %w_scales, %b, %r, act, f32)
 
+Where a chain stays int8 (the next layer quantizes this layer's output and nothing else reads
+it), the quantize folds into the epilogue: ``int8_linear_requant`` writes int8 directly.
+
 ``int8_linear`` multiplies int8 by int8 into an int32 accumulator (``torch._int_mm`` on the CPU,
 a Triton kernel or cuBLAS on CUDA) and applies both scales, the bias, the activation and the
 residual in its epilogue. The dequantize nodes left without users are erased by the rewriter.
@@ -49,8 +52,26 @@ def _qdq_linear(node: Node, rw: Rewriter) -> bool:
     return rw.applied(RULE)
 
 
+def _requant(node: Node, rw: Rewriter) -> bool:
+    """quantize(int8_linear(..), s) -> int8_linear_requant(.., s): the chain stays int8"""
+    producer, out_scale = node.args
+    if not (isinstance(producer, Node) and producer.target == go.int8_linear.default):
+        return False
+    if len(producer.users) != 1:
+        return rw.missed(REQUANT, node, f"the float output of %{producer.name} is also used")
+    *args, dtype = producer.args
+    new = rw.call(
+        go.int8_linear_requant.default, (*args, out_scale), before=node, sources=[producer, node]
+    )
+    rw.replace(node, new)
+    return rw.applied(REQUANT)
+
+
+REQUANT = "requant"
+
 RULES = [
     ((aten.linear.default, go.linear.default), _qdq_linear),  # linear(dq(q), dq(wq)) -> int8_linear
+    ((go.quantize_per_tensor.default,), _requant),  # quantize(int8_linear(..)) -> .._requant
 ]
 
 
