@@ -546,6 +546,80 @@ int8_linear_requant = _define(
 )
 
 
+def _norm_quant_program(eps: float, kind: str, scale: float, affine: tuple[bool, bool]) -> Program:
+    """The decomposed norm followed by the quantize, for the code generator:
+    layer: (x - mean) * rsqrt(var + eps) * w + b;  rms: x * rsqrt(mean(x^2) + eps) * w;
+    then round(y / scale) clamped to [-127, 127], as int8. Inputs: x, then w and b if given."""
+    from graphopt.program import Call, Ref
+
+    calls: list[Call] = []
+
+    def call(op: str, *args: Any, **kwargs: Any) -> Ref:
+        calls.append(Call(op, args, tuple(kwargs.items())))
+        return Ref("node", len(calls) - 1)
+
+    x = Ref("in", 0)
+    if kind == "layer":
+        mean = call("aten.mean.dim", x, (-1,), True)
+        d = call("aten.sub.Tensor", x, mean)
+        var = call("aten.mean.dim", call("aten.mul.Tensor", d, d), (-1,), True)
+    else:
+        d = x
+        var = call("aten.mean.dim", call("aten.mul.Tensor", x, x), (-1,), True)
+    y = call("aten.mul.Tensor", d, call("aten.rsqrt.default", call("aten.add.Tensor", var, eps)))
+    k = 1
+    if affine[0]:
+        y, k = call("aten.mul.Tensor", y, Ref("in", k)), k + 1
+    if affine[1]:
+        y = call("aten.add.Tensor", y, Ref("in", k))
+    q = call(
+        "aten.clamp.default",
+        call("aten.round.default", call("aten.div.Tensor", y, scale)),
+        -127,
+        127,
+    )
+    out = call("aten._to_copy.default", q, dtype=torch.int8)
+    return Program(1 + affine[0] + affine[1], tuple(calls), (out,))
+
+
+def _norm_quant_ref(x, w, b, eps, kind, scale):  # type: ignore[no-untyped-def]
+    return _quantize_ref(_norm_ref(x, w, b, eps, kind), scale)
+
+
+def _norm_quant_args(x, w, b, eps, kind, scale):  # type: ignore[no-untyped-def]
+    affine = (w is not None, b is not None and kind == "layer")
+    inputs = [x] + ([w] if affine[0] else []) + ([b] if affine[1] else [])
+    return _norm_quant_program(eps, kind, scale, affine), inputs
+
+
+def _norm_quant_kernel(x, w, b, eps, kind, scale):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import codegen
+
+    program, inputs = _norm_quant_args(x, w, b, eps, kind, scale)
+    return codegen.run(program, inputs)[0]
+
+
+def _norm_quant_why_not(x, w, b, eps, kind, scale):  # type: ignore[no-untyped-def]
+    from graphopt.kernels import codegen
+
+    return codegen.why_not(*_norm_quant_args(x, w, b, eps, kind, scale))
+
+
+def _norm_quant_schema(
+    x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str, scale: float
+) -> Tensor:
+    """A norm over the last dim whose output is quantized in the same pass: int8 out."""
+    return _norm_quant_ref(x, w, b, eps, kind, scale)
+
+
+norm_quant = _define(
+    "norm_quant",
+    Impl(_norm_quant_ref, _norm_quant_kernel, _norm_quant_why_not),
+    lambda x, w, b, eps, kind, scale: torch.empty_like(x, dtype=torch.int8),
+    _norm_quant_schema,
+)
+
+
 def _quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     x = _at_least_fp32(x)
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / QMAX

@@ -6,7 +6,9 @@
     after:   %y = graphopt.int8_linear(%q, s, %w_int8, %w_scales, %b, %r, act, f32)
 
 Where a chain stays int8 (the next layer quantizes this layer's output and nothing else reads
-it), the quantize folds into the epilogue: ``int8_linear_requant`` writes int8 directly.
+it), the quantize folds into the epilogue: ``int8_linear_requant`` writes int8 directly. A
+quantize right after a norm (whose float output nothing else reads) joins the norm:
+``norm_quant`` normalizes and quantizes in one pass (a generated kernel on CUDA).
 
 ``int8_linear`` multiplies int8 by int8 into an int32 accumulator (``torch._int_mm`` on the CPU,
 a Triton kernel or cuBLAS on CUDA) and applies both scales, the bias, the activation and the
@@ -68,10 +70,49 @@ def _requant(node: Node, rw: Rewriter) -> bool:
 
 
 REQUANT = "requant"
+NORM_QUANT = "norm+quantize"
+
+
+def _norm_quant(node: Node, rw: Rewriter) -> bool:
+    """quantize(layer_norm(x, [n], w, b, eps), s) -> norm_quant(x, w, b, eps, 'layer', s)"""
+    norm, scale = node.args
+    if not isinstance(norm, Node):
+        return False
+    parts = _norm_parts(norm)
+    if parts is None:
+        return False
+    if len(norm.users) != 1:
+        return rw.missed(NORM_QUANT, node, f"the float output of %{norm.name} is also used")
+    x, w, b, eps, kind = parts
+    new = rw.call(
+        go.norm_quant.default, (x, w, b, eps, kind, scale), before=node, sources=[norm, node]
+    )
+    rw.replace(node, new)
+    return rw.applied(NORM_QUANT)
+
+
+def _norm_parts(node: Node) -> tuple | None:  # type: ignore[type-arg]
+    """(x, w, b, eps, kind) of a last-dim layer_norm / rms_norm / graphopt.norm, else None."""
+    if node.target == go.norm.default:
+        return tuple(node.args)
+    if node.target not in (aten.layer_norm.default, aten.rms_norm.default):
+        return None
+    args = list(node.args) + [None] * 6
+    x, shape = args[0], args[1]
+    val = x.meta.get("val") if isinstance(x, Node) else None
+    if val is None or len(shape) != 1 or str(shape[0]) != str(val.shape[-1]):
+        return None
+    if node.target == aten.rms_norm.default:
+        eps = args[3] if args[3] is not None else node.kwargs.get("eps")
+        return None if eps is None else (x, args[2], None, float(eps), "rms")
+    eps = args[4] if args[4] is not None else node.kwargs.get("eps", 1e-5)
+    return (x, args[2], args[3], float(eps), "layer")
+
 
 RULES = [
     ((aten.linear.default, go.linear.default), _qdq_linear),  # linear(dq(q), dq(wq)) -> int8_linear
     ((go.quantize_per_tensor.default,), _requant),  # quantize(int8_linear(..)) -> .._requant
+    ((go.quantize_per_tensor.default,), _norm_quant),  # quantize(layer_norm(x)) -> norm_quant(x)
 ]
 
 

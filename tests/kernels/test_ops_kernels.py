@@ -60,6 +60,8 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, tuple]]:
         ("int8_linear_dynamic", (x, wq, w_scale, None, _r(5, 19, dtype=dtype), "gelu")),
         ("w8a16_linear", (x, wq, w_scale, _r(19, dtype=dtype), None, "silu")),
         ("int8_linear_requant", (xq, 0.02, wq, w_scale, _r(19, dtype=dtype), None, "none", 0.5)),
+        ("norm_quant", (x, w, b, 1e-5, "layer", 0.03)),
+        ("norm_quant", (x, w, None, 1e-6, "rms", 0.03)),
     ]
 
 

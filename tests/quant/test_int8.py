@@ -209,3 +209,24 @@ def test_smoothquant_moves_outliers_into_the_weights() -> None:
     run = run_pipeline(model, (x,), "int8{calib=minmax,smooth=0.5}")
     assert run.report.records[0].rules["smooth"].applied == 1
     assert min(_cosines(model(x), run.after(x))) >= 0.99
+
+
+def test_quantize_joins_the_norm_before_it() -> None:
+    """Pre-norm block: the layer norm's only reader is the quantize of the next linear."""
+
+    class PreNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.ln, self.fc = nn.LayerNorm(16), nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.ln(x))
+
+    run = run_pipeline(PreNorm(), (torch.randn(6, 16),), "int8{calib=minmax}")
+    assert_golden(GOLDEN / "int8_norm_quant.txt", run.after)
+    assert run.report.records[0].rules["norm+quantize"].applied == 1
+    targets = [n.target for n in run.after.graph.nodes if n.op == "call_function"]
+    assert torch.ops.graphopt.norm_quant.default in targets
+    assert torch.ops.aten.layer_norm.default not in targets
+    _within_budget(run)
