@@ -620,6 +620,48 @@ norm_quant = _define(
 )
 
 
+def _int8_conv1x1_ref(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
+    # a 1x1 convolution is a GEMM over channels: NCHW -> NHWC rows, then back
+    rows = xq.permute(0, 2, 3, 1)
+    res = r.permute(0, 2, 3, 1) if r is not None else None
+    w2 = wq.reshape(wq.shape[0], wq.shape[1])
+    y = _int8_linear_ref(rows, x_scale, w2, w_scale, b, res, act, dtype)
+    return y.permute(0, 3, 1, 2).contiguous()
+
+
+def _int8_conv1x1_kernel(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
+    rows = xq.permute(0, 2, 3, 1).contiguous()
+    res = r.permute(0, 2, 3, 1) if r is not None else None
+    w2 = wq.reshape(wq.shape[0], wq.shape[1])
+    y = _int8_linear_kernel(rows, x_scale, w2, w_scale, b, res, act, dtype)
+    return y.permute(0, 3, 1, 2).contiguous()
+
+
+def _int8_conv1x1_schema(
+    xq: Tensor,
+    x_scale: float,
+    wq: Tensor,
+    w_scale: Tensor,
+    b: Tensor | None,
+    r: Tensor | None,
+    act: str,
+    dtype: torch.dtype,
+) -> Tensor:
+    """A 1x1 convolution (stride 1, no padding, one group) in W8A8 static: ``int8_linear`` over
+    the channel dim of NCHW ``xq``; ``act(conv + b) + r``."""
+    return _int8_conv1x1_ref(xq, x_scale, wq, w_scale, b, r, act, dtype)
+
+
+int8_conv1x1 = _define(
+    "int8_conv1x1",
+    Impl(_int8_conv1x1_ref, _int8_conv1x1_kernel, _int8_linear_why_not),
+    lambda xq, x_scale, wq, w_scale, b, r, act, dtype: xq.new_empty(
+        (xq.shape[0], wq.shape[0], *xq.shape[2:]), dtype=dtype
+    ),
+    _int8_conv1x1_schema,
+)
+
+
 def _quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     x = _at_least_fp32(x)
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / QMAX

@@ -14,13 +14,16 @@ Two steps, both passes:
                %wd = graphopt.dequantize_per_channel(%w_int8, %w_scales, 0, f32)
                %y = linear(%xd, %wd, %b)
 
+1x1 convolutions (stride 1, no padding, one group) are GEMMs over channels and are quantized the
+same way in static W8A8 (``graphopt.int8_conv1x1``); other convolutions stay float.
+
 * ``lower-int8`` turns the QDQ form into int8 compute (see passes/lower_int8.py). With
   ``lower=true`` (the default) ``int8`` runs that lowering itself.
 
 Symmetric int8 (range [-127, 127], zero point 0); weights per output channel; activations per
 tensor (``act=static``, calibrated) or per token at run time (``act=dynamic``); ``mode=w8a16``
 keeps activations in float and stores weights in int8. Norms, softmax and everything that is
-not a linear layer stay float.
+not a linear layer or a 1x1 convolution stays float.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class Layer:
     cosine: float | None = None
     precision: str = "float"
     why: str = ""
+    conv: bool = False  # a 1x1 convolution, computed as a GEMM over channels
 
 
 def _layer(node: Node, gm: GraphModule) -> Layer | str | None:
@@ -75,6 +79,8 @@ def _layer(node: Node, gm: GraphModule) -> Layer | str | None:
         r, act, alpha = None, "none", 1.0
     elif node.target == go.linear.default:
         x, w_node, b, r, act, alpha = node.args
+    elif node.target in CONVS:
+        return _conv1x1(node, gm)
     else:
         return None
     if not (isinstance(w_node, Node) and w_node.op == "get_attr"):
@@ -87,6 +93,28 @@ def _layer(node: Node, gm: GraphModule) -> Layer | str | None:
     if act not in graphopt.ops.ACTIVATIONS:
         return f"activation {act!r} has no int8 epilogue"
     return Layer(node, x, w, b, r, act)
+
+
+CONVS = (aten.conv2d.default, go.conv.default)
+
+
+def _conv1x1(node: Node, gm: GraphModule) -> Layer | str:
+    """A 1x1 convolution (stride 1, no padding, one group) as a layer; else the reason."""
+    if node.target == go.conv.default:
+        x, w_node, b, r, stride, padding, dilation, groups, act = node.args
+    else:
+        args = list(node.args) + [None, [1], [0], [1], 1][len(node.args) - 2 :]
+        x, w_node, b, stride, padding, dilation, groups = args[:7]
+        r, act = None, "none"
+    if not (isinstance(w_node, Node) and w_node.op == "get_attr"):
+        return "the weight is computed in the graph, not a stored tensor"
+    w = attr_path(gm, str(w_node.target))
+    one = all(int(v) == 1 for v in (*list(stride), *list(dilation)))
+    if w.dim() != 4 or tuple(w.shape[2:]) != (1, 1) or not one or any(padding) or groups != 1:
+        return "only 1x1 convolutions (stride 1, no padding, one group) become int8 GEMMs"
+    if act not in graphopt.ops.ACTIVATIONS:
+        return f"activation {act!r} has no int8 epilogue"
+    return Layer(node, x, w, b, r, act, conv=True)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +145,11 @@ class _QuantRunner(Runner):
 
 def _quantized(layer: Layer, x: torch.Tensor, b: Any, r: Any, act: str, mode: str) -> torch.Tensor:
     assert layer.w_q is not None and layer.w_scale is not None
+    if layer.conv:
+        assert layer.x_scale is not None
+        xq = go.quantize_per_tensor(x, layer.x_scale)
+        args = (xq, layer.x_scale, layer.w_q, layer.w_scale, b, r, layer.act, x.dtype)
+        return go.int8_conv1x1(*args)
     if mode == "w8a16":
         return go.w8a16_linear(x, layer.w_q, layer.w_scale, b, r, layer.act)
     if act == "dynamic":
@@ -218,6 +251,9 @@ class Int8(Pass):
             if isinstance(found, str):
                 if rw is not None:
                     rw.missed(RULE, node, found)
+            elif found is not None and found.conv and (self.act, self.mode) != ("static", "w8a8"):
+                if rw is not None:
+                    rw.missed(RULE, node, "1x1 convolutions are quantized in static W8A8 only")
             elif found is not None:
                 layers.append(found)
         return layers
@@ -280,6 +316,7 @@ def _smooth(
         after:   %xs = div(%x, %s); %y = linear(%xs, %w_smoothed, %b)
     """
     amax: dict[Node, torch.Tensor] = {}
+    layers = [layer for layer in layers if not layer.conv]
     for batch in batches:
         _, values = native_run(gm, batch, record=True)
         for layer in layers:
@@ -288,6 +325,8 @@ def _smooth(
             amax[layer.node] = v if prev is None else torch.maximum(prev, v)
     for layer in layers:
         node = layer.node
+        if layer.conv:
+            continue  # SmoothQuant targets transformer linears
         if not rw.allowed():
             return
         current = _layer(node, gm)  # earlier rewrites may have replaced its inputs
@@ -337,7 +376,10 @@ def _rewrite_qdq(layer: Layer, rw: Rewriter, act: str, mode: str) -> None:
     q = rw.call(go.quantize_per_tensor.default, (layer.x, s), before=node, sources=src)
     xd = rw.call(go.dequantize_per_tensor.default, (q, s, dtype), before=node, sources=src)
     wd = rw.call(go.dequantize_per_channel.default, (w_q, w_s, 0, dtype), before=node, sources=src)
-    if layer.r is None and layer.act == "none" and node.target == aten.linear.default:
+    if layer.conv:
+        args = (xd, wd, layer.b, layer.r, [1, 1], [0, 0], [1, 1], 1, layer.act)
+        new = rw.call(go.conv.default, args, before=node, sources=src)
+    elif layer.r is None and layer.act == "none" and node.target == aten.linear.default:
         new = rw.call(aten.linear.default, (xd, wd, layer.b), before=node, sources=src)
     else:
         args = (xd, wd, layer.b, layer.r, layer.act, 1.0)

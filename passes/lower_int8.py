@@ -69,6 +69,26 @@ def _requant(node: Node, rw: Rewriter) -> bool:
     return rw.applied(REQUANT)
 
 
+def _qdq_conv1x1(node: Node, rw: Rewriter) -> bool:
+    """conv(dequant(q, s), dequant_channel(wq, ws, 0)) 1x1 -> int8_conv1x1(q, s, wq, ws, ...)"""
+    if node.target != go.conv.default:
+        return False
+    xd, wd, b, r, stride, padding, dilation, groups, act = node.args
+    if not (isinstance(xd, Node) and xd.target == go.dequantize_per_tensor.default):
+        return False
+    if not (isinstance(wd, Node) and wd.target == go.dequantize_per_channel.default):
+        return rw.missed(RULE, node, "the weight is not a per-channel dequantize")
+    w_val = wd.meta["val"]
+    if tuple(w_val.shape[2:]) != (1, 1) or list(stride) != [1, 1] or any(padding) or groups != 1:
+        return rw.missed(RULE, node, "not a 1x1 convolution with stride 1 and no padding")
+    q, s, dtype = xd.args
+    wq, ws, _, _ = wd.args
+    args = (q, s, wq, ws, b, r, act, dtype)
+    new = rw.call(go.int8_conv1x1.default, args, before=node, sources=[xd, wd, node])
+    rw.replace(node, new)
+    return rw.applied(RULE)
+
+
 REQUANT = "requant"
 NORM_QUANT = "norm+quantize"
 
@@ -111,6 +131,7 @@ def _norm_parts(node: Node) -> tuple | None:  # type: ignore[type-arg]
 
 RULES = [
     ((aten.linear.default, go.linear.default), _qdq_linear),  # linear(dq(q), dq(wq)) -> int8_linear
+    ((go.conv.default,), _qdq_conv1x1),  # conv1x1(dq(q), dq(wq)) -> int8_conv1x1
     ((go.quantize_per_tensor.default,), _requant),  # quantize(int8_linear(..)) -> .._requant
     ((go.quantize_per_tensor.default,), _norm_quant),  # quantize(layer_norm(x)) -> norm_quant(x)
 ]

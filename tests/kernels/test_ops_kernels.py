@@ -41,6 +41,8 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, tuple]]:
     xq = torch.randint(-127, 128, (5, 33), generator=_GEN, dtype=torch.int8).to(DEVICE)
     wq = torch.randint(-127, 128, (19, 33), generator=_GEN, dtype=torch.int8).to(DEVICE)
     w_scale = (torch.rand(19, generator=_GEN) / 100 + 1e-3).to(DEVICE)
+    xq4 = torch.randint(-127, 128, (2, 33, 3, 5), generator=_GEN, dtype=torch.int8).to(DEVICE)
+    wq4 = wq.reshape(19, 33, 1, 1)
     return [
         ("fused", ([x, b], _program())),
         (
@@ -60,6 +62,7 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, tuple]]:
         ("int8_linear_dynamic", (x, wq, w_scale, None, _r(5, 19, dtype=dtype), "gelu")),
         ("w8a16_linear", (x, wq, w_scale, _r(19, dtype=dtype), None, "silu")),
         ("int8_linear_requant", (xq, 0.02, wq, w_scale, _r(19, dtype=dtype), None, "none", 0.5)),
+        ("int8_conv1x1", (xq4, 0.02, wq4, w_scale, _r(19, dtype=dtype), None, "relu", dtype)),
         ("norm_quant", (x, w, b, 1e-5, "layer", 0.03)),
         ("norm_quant", (x, w, None, 1e-6, "rms", 0.03)),
     ]

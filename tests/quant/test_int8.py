@@ -169,6 +169,9 @@ def test_every_zoo_model_within_budget(name: str) -> None:
     record = compiled.report.records[-1]
     assert record.name == "int8" and record.status in ("ok", "unchanged")
     assert any(row["precision"] == "int8" for row in record.stats["layers"])
+    if name == "mobilenet":  # its 1x1 convolutions are GEMMs over channels
+        targets = {n.target for n in compiled.gm.graph.nodes}
+        assert torch.ops.graphopt.int8_conv1x1.default in targets
     held_out = _labelled_set(model, inputs, n=12)[4:]
     agree = total = 0
     for batch in held_out:
