@@ -170,7 +170,8 @@ class Int8(Pass):
 
     Options: ``calib`` (minmax | percentile | mse | entropy), ``act`` (static | dynamic),
     ``mode`` (w8a8 | w8a16), ``min_cosine`` (the budget, on every output and every layer),
-    ``head`` (int8 | float: the last linear layer), ``lower`` (run lower-int8 afterwards),
+    ``head`` / ``first`` (int8 | float: the last / first quantizable layer, e.g. a classifier
+    head or a network's first 1x1 convolution), ``lower`` (run lower-int8 afterwards),
     ``smooth`` (SmoothQuant migration strength alpha, 0 = off; static W8A8 only).
     """
 
@@ -182,6 +183,7 @@ class Int8(Pass):
     mode: str = "w8a8"
     min_cosine: float = 0.99
     head: str = "int8"
+    first: str = "int8"
     lower: bool = True
     smooth: float = 0.0
 
@@ -196,6 +198,7 @@ class Int8(Pass):
             "act": ("static", "dynamic"),
             "mode": ("w8a8", "w8a16"),
             "head": ("int8", "float"),
+            "first": ("int8", "float"),
         }
         for option, allowed in valid.items():
             if getattr(self, option) not in allowed:
@@ -284,10 +287,9 @@ class Int8(Pass):
                 layer.why = f"layer cosine {layer.cosine:.4f} < budget {self.min_cosine}"
             else:
                 layer.precision = "int8"
-        if self.head == "float":
-            last = layers[-1]
-            if last.precision == "int8":
-                last.precision, last.why = "float", "head=float"
+        for option, layer in (("head", layers[-1]), ("first", layers[0])):
+            if getattr(self, option) == "float" and layer.precision == "int8":
+                layer.precision, layer.why = "float", f"{option}=float"
         chosen = [layer for layer in layers if layer.precision == "int8"]
         while chosen:
             plan = {layer.node: layer for layer in chosen}

@@ -122,6 +122,9 @@ def test_head_float_option_keeps_the_last_layer_float() -> None:
     layers = run.report.records[-1].stats["layers"]
     assert [row["precision"] for row in layers] == ["int8", "int8", "float"]
     assert layers[-1]["why"] == "head=float"
+    run = run_pipeline(Mlp(), (torch.randn(8, 16),), "int8{calib=minmax,first=float}")
+    layers = run.report.records[-1].stats["layers"]
+    assert [row["precision"] for row in layers] == ["float", "int8", "int8"]
 
 
 def test_bad_option_is_a_clear_error() -> None:
