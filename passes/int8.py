@@ -143,20 +143,25 @@ class _QuantRunner(Runner):
         return _quantized(layer, x, b, r, self.act_mode, self.mode)
 
 
-def _quantized(layer: Layer, x: torch.Tensor, b: Any, r: Any, act: str, mode: str) -> torch.Tensor:
+def _quantized(
+    layer: Layer, x: torch.Tensor, b: Any, r: Any, act: str, mode: str, *, direct: bool = False
+) -> torch.Tensor:
+    """The layer computed in int8 (``direct``: as compiled models call graphopt ops)."""
+    from graphopt.ops import DIRECT
+
+    def op(name: str) -> Any:
+        overload = getattr(go, name).default
+        return DIRECT[overload] if direct else overload
+
     assert layer.w_q is not None and layer.w_scale is not None
-    if layer.conv:
-        assert layer.x_scale is not None
-        xq = go.quantize_per_tensor(x, layer.x_scale)
-        args = (xq, layer.x_scale, layer.w_q, layer.w_scale, b, r, layer.act, x.dtype)
-        return go.int8_conv1x1(*args)
-    if mode == "w8a16":
-        return go.w8a16_linear(x, layer.w_q, layer.w_scale, b, r, layer.act)
-    if act == "dynamic":
-        return go.int8_linear_dynamic(x, layer.w_q, layer.w_scale, b, r, layer.act)
+    if mode == "w8a16" and not layer.conv:
+        return op("w8a16_linear")(x, layer.w_q, layer.w_scale, b, r, layer.act)
+    if act == "dynamic" and not layer.conv:
+        return op("int8_linear_dynamic")(x, layer.w_q, layer.w_scale, b, r, layer.act)
     assert layer.x_scale is not None
-    xq = go.quantize_per_tensor(x, layer.x_scale)
-    return go.int8_linear(xq, layer.x_scale, layer.w_q, layer.w_scale, b, r, layer.act, x.dtype)
+    xq = op("quantize_per_tensor")(x, layer.x_scale)
+    gemm = op("int8_conv1x1" if layer.conv else "int8_linear")
+    return gemm(xq, layer.x_scale, layer.w_q, layer.w_scale, b, r, layer.act, x.dtype)
 
 
 def _errors(want: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
@@ -172,7 +177,9 @@ class Int8(Pass):
     ``mode`` (w8a8 | w8a16), ``min_cosine`` (the budget, on every output and every layer),
     ``head`` / ``first`` (int8 | float: the last / first quantizable layer, e.g. a classifier
     head or a network's first 1x1 convolution), ``lower`` (run lower-int8 afterwards),
-    ``smooth`` (SmoothQuant migration strength alpha, 0 = off; static W8A8 only).
+    ``smooth`` (SmoothQuant migration strength alpha, 0 = off; static W8A8 only),
+    ``measure`` (keep a layer in int8 only where it measures faster than float on the target,
+    as the compiled model runs it; once per shape, cached).
     """
 
     name = "int8"
@@ -186,6 +193,7 @@ class Int8(Pass):
     first: str = "int8"
     lower: bool = True
     smooth: float = 0.0
+    measure: bool = True
 
     def contract_for(self) -> Contract:
         return Contract.lossy("cosine", self.min_cosine)
@@ -274,6 +282,32 @@ class Int8(Pass):
             for layer in layers:
                 layer.x_scale = float(observers[layer.x.name].scale())
 
+    def _slower(self, layer: Layer, values: dict[str, Any]) -> str | None:
+        """Why the int8 layer is not faster than the float one on the target, or None.
+        Both run as the compiled model runs them (graphopt ops without the dispatcher)."""
+        from graphopt.autotune import shape_key
+        from graphopt.fusion import measured_faster
+        from graphopt.ops import DIRECT
+
+        node = layer.node
+
+        def value(a: Any) -> Any:
+            return values[a.name] if isinstance(a, Node) else a
+
+        args = torch.fx.node.map_aggregate(node.args, value)
+        kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
+        float_fn = DIRECT.get(node.target, node.target)
+        x, b, r = value(layer.x), value(layer.b), value(layer.r)
+        key = (
+            f"int8 {self.act} {self.mode} {layer.act} conv={layer.conv} {shape_key(x, layer.w, r)}"
+        )
+        return measured_faster(
+            key,
+            lambda: float_fn(*args, **kwargs),
+            lambda: _quantized(layer, x, b, r, self.act, self.mode, direct=True),
+            x.device,
+        )
+
     def _choose(self, gm: GraphModule, layers: list[Layer], batch: list[Any]) -> list[Layer]:
         """Per-layer sensitivity, then the end-to-end budget; returns the int8 layers."""
         outputs, values = native_run(gm, batch, record=True)
@@ -290,6 +324,10 @@ class Int8(Pass):
         for option, layer in (("head", layers[-1]), ("first", layers[0])):
             if getattr(self, option) == "float" and layer.precision == "int8":
                 layer.precision, layer.why = "float", f"{option}=float"
+        if self.measure:
+            for layer in layers:
+                if layer.precision == "int8" and (why := self._slower(layer, values)) is not None:
+                    layer.precision, layer.why = "float", why
         chosen = [layer for layer in layers if layer.precision == "int8"]
         while chosen:
             plan = {layer.node: layer for layer in chosen}

@@ -44,7 +44,9 @@ def _cosines(want: object, got: object) -> list[float]:
 
 def test_qdq_golden() -> None:
     run = run_pipeline(
-        Mlp(), (torch.randn(8, 16),), "fuse-epilogue{measure=false},int8{calib=minmax,lower=false}"
+        Mlp(),
+        (torch.randn(8, 16),),
+        "fuse-epilogue{measure=false},int8{measure=false,calib=minmax,lower=false}",
     )
     assert_golden(GOLDEN / "int8_qdq.txt", run.after)
     record = run.report.records[-1]
@@ -54,7 +56,9 @@ def test_qdq_golden() -> None:
 
 def test_lowered_golden_and_counts() -> None:
     run = run_pipeline(
-        Mlp(), (torch.randn(8, 16),), "fuse-epilogue{measure=false},int8{calib=minmax}"
+        Mlp(),
+        (torch.randn(8, 16),),
+        "fuse-epilogue{measure=false},int8{measure=false,calib=minmax}",
     )
     assert_golden(GOLDEN / "int8_lowered.txt", run.after)
     targets = [n.target for n in run.after.graph.nodes if n.op == "call_function"]
@@ -74,7 +78,7 @@ def _within_budget(run) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_lower_int8_alone_matches_qdq_within_rounding() -> None:
-    qdq = "int8{calib=minmax,lower=false}"
+    qdq = "int8{measure=false,calib=minmax,lower=false}"
     run = run_pipeline(Mlp(), (torch.randn(8, 16),), f"{qdq},lower-int8")
     assert [r.status for r in run.report.records] == ["ok", "ok"]
     assert run.report.records[1].rewrites == 3
@@ -84,7 +88,7 @@ def test_lower_int8_alone_matches_qdq_within_rounding() -> None:
 def test_modes_and_observers_stay_in_budget(options: str) -> None:
     model, x = Mlp(), torch.randn(8, 16)
     compiled = graphopt.compile(
-        model, (x,), pipeline=f"int8{{{options}}}", on_fail="raise",
+        model, (x,), pipeline=f"int8{{measure=false,{options}}}", on_fail="raise",
         calibration_data=_batches(4, 8, 16),
     )  # fmt: skip
     assert compiled.report.records[-1].status == "ok"
@@ -108,7 +112,9 @@ def test_over_budget_layer_falls_back_to_float() -> None:
             return self.b(self.a(x) + spike)  # b's input: one channel at 1e4, the rest ~1
 
     model, x = Outlier(), torch.randn(8, 16)
-    compiled = graphopt.compile(model, (x,), pipeline="int8{calib=minmax}", on_fail="raise")
+    compiled = graphopt.compile(
+        model, (x,), pipeline="int8{measure=false,calib=minmax}", on_fail="raise"
+    )
     rows = {row["layer"]: row for row in compiled.report.records[-1].stats["layers"]}
     assert rows["linear"]["precision"] == "int8"
     assert rows["linear_1"]["precision"] == "float" and "budget" in rows["linear_1"]["why"]
@@ -118,18 +124,18 @@ def test_over_budget_layer_falls_back_to_float() -> None:
 
 
 def test_head_float_option_keeps_the_last_layer_float() -> None:
-    run = run_pipeline(Mlp(), (torch.randn(8, 16),), "int8{calib=minmax,head=float}")
+    run = run_pipeline(Mlp(), (torch.randn(8, 16),), "int8{measure=false,calib=minmax,head=float}")
     layers = run.report.records[-1].stats["layers"]
     assert [row["precision"] for row in layers] == ["int8", "int8", "float"]
     assert layers[-1]["why"] == "head=float"
-    run = run_pipeline(Mlp(), (torch.randn(8, 16),), "int8{calib=minmax,first=float}")
+    run = run_pipeline(Mlp(), (torch.randn(8, 16),), "int8{measure=false,calib=minmax,first=float}")
     layers = run.report.records[-1].stats["layers"]
     assert [row["precision"] for row in layers] == ["float", "int8", "int8"]
 
 
 def test_bad_option_is_a_clear_error() -> None:
     with pytest.raises(graphopt.GraphoptError, match="calib=bogus.*minmax"):
-        run_pipeline(Mlp(), (torch.randn(8, 16),), "int8{calib=bogus}")
+        run_pipeline(Mlp(), (torch.randn(8, 16),), "int8{measure=false,calib=bogus}")
 
 
 def _labelled_set(model: nn.Module, inputs: tuple, n: int = 8) -> list[tuple]:
@@ -167,7 +173,7 @@ def test_every_zoo_model_within_budget(name: str) -> None:
         _train_on_synthetic_task(model, inputs[0].shape[-1], model(inputs[0]).shape[-1])
     calib = _labelled_set(model, inputs, n=4)
     compiled = graphopt.compile(
-        model, inputs, pipeline="-O1,int8", on_fail="raise", calibration_data=calib
+        model, inputs, pipeline="-O1,int8{measure=false}", on_fail="raise", calibration_data=calib
     )
     record = compiled.report.records[-1]
     assert record.name == "int8" and record.status in ("ok", "unchanged")
@@ -209,10 +215,10 @@ def test_smoothquant_moves_outliers_into_the_weights() -> None:
         record = next(r for r in run.report.records if r.name == "int8")
         return record.stats["layers"][0]["cosine"]
 
-    plain = layer_cosine("int8{calib=minmax,min_cosine=0.5}")
-    smooth = layer_cosine("int8{calib=minmax,min_cosine=0.5,smooth=0.5}")
+    plain = layer_cosine("int8{measure=false,calib=minmax,min_cosine=0.5}")
+    smooth = layer_cosine("int8{measure=false,calib=minmax,min_cosine=0.5,smooth=0.5}")
     assert smooth > plain
-    run = run_pipeline(model, (x,), "int8{calib=minmax,smooth=0.5}")
+    run = run_pipeline(model, (x,), "int8{measure=false,calib=minmax,smooth=0.5}")
     assert run.report.records[0].rules["smooth"].applied == 1
     assert min(_cosines(model(x), run.after(x))) >= 0.99
 
@@ -229,10 +235,25 @@ def test_quantize_joins_the_norm_before_it() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.ln(x))
 
-    run = run_pipeline(PreNorm(), (torch.randn(6, 16),), "int8{calib=minmax}")
+    run = run_pipeline(PreNorm(), (torch.randn(6, 16),), "int8{measure=false,calib=minmax}")
     assert_golden(GOLDEN / "int8_norm_quant.txt", run.after)
     assert run.report.records[0].rules["norm+quantize"].applied == 1
     targets = [n.target for n in run.after.graph.nodes if n.op == "call_function"]
     assert torch.ops.graphopt.norm_quant.default in targets
     assert torch.ops.aten.layer_norm.default not in targets
     _within_budget(run)
+
+
+def test_layer_not_faster_in_int8_stays_float(monkeypatch: pytest.MonkeyPatch) -> None:
+    """measure=true (the default): a layer that is slower in int8 on the target stays float."""
+    from graphopt import autotune
+
+    def int8_slower(key, candidates, device, reps=15):  # type: ignore[no-untyped-def]
+        return "aten", {"aten": 1e-4, "fused": 3e-4}
+
+    monkeypatch.setattr(autotune, "choose", int8_slower)
+    run = run_pipeline(Mlp(), (torch.randn(8, 16),), "int8{calib=minmax}")
+    layers = run.report.records[-1].stats["layers"]
+    assert [row["precision"] for row in layers] == ["float"] * 3
+    assert all("not faster" in row["why"] for row in layers)
+    assert run.rewrites == 0
