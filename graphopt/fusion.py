@@ -152,10 +152,7 @@ def no_gain_on(target: Any, device: torch.device) -> str | None:
     from graphopt.ops import REFERENCE_ONLY_ON_CPU
 
     if device.type == "cpu" and target in REFERENCE_ONLY_ON_CPU:
-        return (
-            f"{target} runs its ATen reference on the CPU (kernels are CUDA-only), so it "
-            "cannot be faster there; not measured"
-        )
+        return f"{target} is its ATen reference on the CPU (kernels are CUDA-only): no gain"
     return None
 
 
