@@ -293,7 +293,7 @@ def _convert(pass_name: str, key: str, raw: str, f: dataclasses.Field[Any]) -> A
 class _Parser:
     """``item (',' item)*`` where item is ``name``, ``name{k=v,...}`` or ``fixpoint(items)``."""
 
-    _TOKEN = re.compile(r"\s*([A-Za-z0-9_\-.+]+|[{}(),=])")
+    _TOKEN = re.compile(r"\s*([A-Za-z0-9_\-.+:]+|[{}(),=])")
 
     def __init__(self, text: str) -> None:
         self.text = text
