@@ -85,20 +85,23 @@ class Report:
         return "\n\n".join(["\n".join(lines), *extra])
 
     def layer_text(self) -> str:
-        """Per-layer precision decisions (int8): error against float and the chosen precision."""
-        lines: list[str] = []
+        """Per-layer tables that passes leave in ``stats["layers"]`` (int8 precision and error,
+        pruning sparsity, parameters and FLOPs): one table per pass, its columns from the rows."""
+        blocks: list[str] = []
         for r in self.records:
-            for row in r.stats.get("layers") or []:
-                sqnr = "-" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f} dB"
-                cos = "-" if row["cosine"] is None else f"{row['cosine']:.5f}"
-                why = f"  ({row['why']})" if row["why"] else ""
-                lines.append(
-                    f"{r.name:<10} {row['layer']:<28} {row['precision']:<6} {sqnr:>9} {cos:>9}{why}"
-                )
-        if not lines:
-            return ""
-        head = f"{'pass':<10} {'layer':<28} {'prec':<6} {'SQNR':>9} {'cosine':>9}"
-        return "\n".join(["per-layer precision", head, *lines])
+            rows = [row for row in r.stats.get("layers") or [] if isinstance(row, dict)]
+            if not rows:
+                continue
+            columns = [k for k in rows[0] if not callable(rows[0][k]) and k != "why"]
+            table = [columns] + [[_cell(row.get(k)) for k in columns] for row in rows]
+            widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+            lines = [f"{r.name}: per layer"]
+            for line, row in zip(table, [None, *rows]):
+                text = "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+                why = row.get("why") if row else None
+                lines.append(text + (f"  ({why})" if why else ""))
+            blocks.append("\n".join(lines))
+        return "\n\n".join(blocks)
 
     def rule_text(self, max_misses: int = 3) -> str:
         """The "why didn't it fuse" table: per rule, matches applied and the first near misses."""
@@ -113,6 +116,14 @@ class Report:
                 if log.missed > max_misses:
                     lines.append(f"    ... {log.missed - max_misses} more")
         return ("why (not) fused\n" + "\n".join(lines)) if lines else ""
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
 
 
 Event = Callable[[str, str, "PassRecord | None"], None]
