@@ -20,6 +20,7 @@ from graphopt.errors import (
 )
 from graphopt.ir import format_graph, propagate_meta
 from graphopt.pass_manager import EquivalenceWarning, PassContext, PassManager, Report
+from graphopt.recover import recover
 from graphopt.passes_base import (
     OPT_LEVELS,
     Contract,
@@ -60,6 +61,7 @@ __all__ = [
     "load",
     "parse_pipeline",
     "propagate_meta",
+    "recover",
     "register_group",
     "register_pass",
     "registered_passes",

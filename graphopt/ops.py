@@ -24,6 +24,10 @@ softmax(x, scale, m)   ``softmax(scale * x + m, -1)`` (bool ``m``: False is mask
 attention(q, k, v, m,  ``scaled_dot_product_attention``; Triton flash kernel or torch's SDPA,
   scale, causal)       whichever measures faster; ``kernels/attention.py``
 =====================  ==========================================================================
+
+The int8 ops (quantize/dequantize, int8_linear, int8_conv1x1, ...) are in graphopt/ops_int8.py.
+Compiled models call all of these through ``DIRECT`` (the same implementations, without the
+dispatcher's Python overhead).
 """
 
 from __future__ import annotations
