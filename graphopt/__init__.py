@@ -20,7 +20,6 @@ from graphopt.errors import (
 )
 from graphopt.ir import format_graph, propagate_meta
 from graphopt.pass_manager import EquivalenceWarning, PassContext, PassManager, Report
-from graphopt.recover import recover
 from graphopt.passes_base import (
     OPT_LEVELS,
     Contract,
@@ -32,6 +31,7 @@ from graphopt.passes_base import (
     register_pass,
     registered_passes,
 )
+from graphopt.recover import recover
 from graphopt.rewriter import Rewriter, apply_rules
 
 __all__ = [
