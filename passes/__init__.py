@@ -19,6 +19,7 @@ from graphopt.passes import (
     patterns_norm,
     patterns_softmax,
     precision,
+    prune,
     remove_noops,
 )
 from graphopt.passes_base import register_group
@@ -46,5 +47,6 @@ __all__ = [
     "patterns_norm",
     "patterns_softmax",
     "precision",
+    "prune",
     "remove_noops",
 ]
