@@ -58,6 +58,15 @@ class Program:
     def dead_scalars(self) -> list[float]:
         return [dead_scale(i) for i, op in enumerate(self.ops) if op.kind == "dead"]
 
+    def output_aliases(self) -> set[int]:
+        """Values that are graph outputs, or whose alias (through ops that may return their
+        input, as eval-mode dropout, detach and same-shape views do) is one."""
+        aliases = set(self.outputs)
+        for op in reversed(self.ops):
+            if op.kind in NOOPS and op.out in aliases:
+                aliases |= set(op.args)
+        return aliases
+
     def live_ops(self) -> list[Op]:
         """Ops whose value reaches an output (export itself drops some dead ops, e.g. views)."""
         live, found = set(self.outputs), []
@@ -74,9 +83,12 @@ class Program:
             "dce": "dead" in {op.kind for op in self.ops},
             "fold-constants": any(op.kind == "const" for op in live),
             "remove-noops": any(op.kind in NOOPS for op in live),
-            # two equal calls are kept apart only when both are graph outputs
+            # two equal calls are kept apart only when both reach graph outputs as themselves
+            # (an output that is an alias of a value, e.g. eval-mode dropout or detach of it,
+            # counts: merging would make two outputs share memory)
             "cse": any(
-                op.kind == "dup" and not {op.out, op.out + 1} <= set(self.outputs) for op in live
+                op.kind == "dup" and not {op.out, op.out + 1} <= self.output_aliases()
+                for op in live
             ),
         }[pass_name]
 
