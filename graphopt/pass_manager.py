@@ -228,7 +228,7 @@ class PassManager:
             keep = self._check(gm, candidate, p, record)
             record.verify_s += time.perf_counter() - t1
         if keep:
-            record.rewrites += rewrites
+            record.rewrites += rewrites if changed else 0  # an unchanged result is discarded
             for rw in self.ctx.rewriters:
                 for rule, log in rw.rules.items():
                     record.rules.setdefault(rule, RuleLog()).merge(log)

@@ -49,7 +49,7 @@ from torch.fx import GraphModule, Node
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
 import graphopt.sparse_ops  # noqa: F401  (registers graphopt::sparse24_linear)
 from graphopt.errors import PipelineError
-from graphopt.ir import attr_path
+from graphopt.ir import attr_path, snapshot
 from graphopt.pass_manager import PassContext
 from graphopt.passes_base import Contract, Pass, PassResult, register_pass
 from graphopt.rewriter import Rewriter
@@ -185,7 +185,9 @@ class Prune(Pass):
             for key in ("params_before", "params_after")
         }
         pruned = sum(row["status"] == "pruned" for row in rows)
-        return PassResult(rw.rewrites > 0, {"layers": rows, **totals, "pruned layers": pruned})
+        # a reverted channel pruning reports no change: the pass manager keeps the dense graph
+        changed = rw.rewrites > 0 and pruned > 0
+        return PassResult(changed, {"layers": rows, **totals, "pruned layers": pruned})
 
     # -- steps -------------------------------------------------------------------------------
     def _find_layers(self, gm: GraphModule, rw: Rewriter) -> tuple[list[Layer], list[dict]]:
@@ -259,14 +261,45 @@ class Prune(Pass):
             rw.applied(RULE)
 
     def _channels(self, gm: GraphModule, rw: Rewriter, ctx: PassContext) -> list[dict]:
-        """Structured pruning: ``prune_channels`` edits the graph and measures its groups."""
-        rows = _prune_channels()(
-            gm, rw, amount=self.amount, importance=self.importance, inputs=ctx.inputs
-        )
-        return [_ordered(row) for row in rows]
+        """Structured pruning: ``prune_channels`` edits the graph. With ``measure``, the pruned
+        graph must run faster than the dense one on the example inputs (the groups are applied
+        together, so they are kept or reverted together)."""
+        dense = snapshot(gm) if self.measure else None
+        rows = [
+            _ordered(row)
+            for row in _prune_channels()(
+                gm, rw, amount=self.amount, importance=self.importance, inputs=ctx.inputs
+            )
+        ]
+        if dense is not None and any(row["status"] == "pruned" for row in rows):
+            rw.finish()
+            why = _slower_graph(dense, gm, ctx.inputs)
+            if why is not None:
+                for row in rows:
+                    if row["status"] == "pruned":
+                        row["status"], row["why"] = "reverted", why
+        return rows
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _slower_graph(dense: GraphModule, pruned: GraphModule, inputs: list[Any]) -> str | None:
+    """Why the pruned graph is not faster than the dense one on the example inputs, or None.
+    Both run as a compiled model runs them; a 3% margin keeps noise from deciding."""
+    from graphopt.autotune import device_name, measure_all
+    from graphopt.fusion import MARGIN
+    from graphopt.ops import executable
+
+    device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    runs = {"dense": executable(dense), "pruned": executable(pruned)}
+    times = measure_all({k: (lambda g=g: g(*inputs)) for k, g in runs.items()}, device, reps=7)
+    if times["pruned"] < times["dense"] * (1 - MARGIN):
+        return None
+    return (
+        f"not faster on {device_name(device)}: pruned {times['pruned'] * 1e3:.3f} ms vs dense "
+        f"{times['dense'] * 1e3:.3f} ms (channel groups are kept or reverted together)"
+    )
 
 
 def _prune_channels() -> Callable[..., list[dict[str, Any]]]:

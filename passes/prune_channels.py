@@ -53,6 +53,9 @@ POOLS = {
 RESHAPES = (aten.reshape.default, aten.view.default)
 BN_PARAMS = {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}
 
+# kept channel counts are rounded up to a multiple of this (for groups of 2 * ALIGN or more)
+ALIGN = 8
+
 
 @dataclass(frozen=True)
 class Member:
@@ -807,6 +810,11 @@ def prune_channels(
             "channels": f"{c}->{c}",
         }
         n_remove = min(math.floor(amount * c), c - 1)
+        if group.kind == "channel" and c >= 2 * ALIGN:
+            # keep a multiple of ALIGN channels: CPU and GPU conv/GEMM kernels run much slower on
+            # odd channel counts, so the smaller model would not be faster
+            keep = -(-(c - n_remove) // ALIGN) * ALIGN
+            n_remove = c - min(keep, c)
         if not group.prunable or n_remove <= 0 or not rw.allowed():
             why = group.reason or ("nothing to remove" if n_remove <= 0 else "rewrite budget spent")
             params, _, flops, _ = _cost(gm, group, [])

@@ -120,7 +120,9 @@ def test_over_budget_layer_falls_back_to_float() -> None:
     assert rows["linear_1"]["precision"] == "float" and "budget" in rows["linear_1"]["why"]
     assert min(_cosines(model(x), compiled(x))) >= 0.99
     text = compiled.report.to_text()
-    assert "int8: per layer" in text and "linear_1" in text and "float" in text and "sqnr_db" in text
+    assert (
+        "int8: per layer" in text and "linear_1" in text and "float" in text and "sqnr_db" in text
+    )
 
 
 def test_head_float_option_keeps_the_last_layer_float() -> None:
