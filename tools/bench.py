@@ -218,6 +218,10 @@ MODES: dict[str, Callable[[Setup], Runner]] = {
     **{f"graphopt{level}": _graphopt(level) for level in OPT_LEVELS},
     "graphopt-O2-fp16": _graphopt(half_pipeline("-O2", "fp16", 0.999), gpu_only=True),
     "graphopt-O2-bf16": _graphopt(half_pipeline("-O2", "bf16", 0.999), gpu_only=True),
+    # pruning is judged for speed here: random-init zoo models lose accuracy when pruned and
+    # need graphopt.recover, so the budget is off (min_cosine=0) in these modes
+    "graphopt-O1-channel30": _graphopt("-O1,prune{kind=channel,amount=0.3,min_cosine=0.0}"),
+    "graphopt-O1-2:4": _graphopt("-O1,prune{kind=2:4,amount=0.5,min_cosine=0.0}", gpu_only=True),
     "graphopt-O2-int8": _graphopt_int8("-O2,int8"),
     "graphopt-O2-int8-dynamic": _graphopt_int8("-O2,int8{act=dynamic}"),
     "onnxruntime": _onnxruntime,
@@ -228,6 +232,7 @@ DEFAULT_MODES = [
     *(f"graphopt{level}" for level in OPT_LEVELS),
     "graphopt-O2-int8",
     "graphopt-O2-int8-dynamic",
+    "graphopt-O1-channel30",
     "onnxruntime",
 ]
 GPU_EXTRA_MODES = [
@@ -237,6 +242,7 @@ GPU_EXTRA_MODES = [
     "torch.compile-max-autotune",
     "graphopt-O2-fp16",
     "graphopt-O2-bf16",
+    "graphopt-O1-2:4",
 ]
 
 
