@@ -47,6 +47,9 @@ def test_user_pass_by_name_and_by_object() -> None:
 
 
 def test_report_records_timing_and_nodes() -> None:
+    # seeded: with an unlucky draw, cancellation in a 3-term dot product makes the largest
+    # output tiny and the fp32 error relative to it exceeds 1e-6 (a flaky failure seen once)
+    torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.ReLU()), (torch.randn(2, 3),)
     compiled = graphopt.compile(model, x, pipeline="remove-noops")
     record = compiled.report.records[0]
