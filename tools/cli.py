@@ -2,6 +2,7 @@
 
 graphopt compile resnet --pipeline -O1
 graphopt compile path/to/file.py:factory --pipeline "cleanup,fold-bn" --save out.graphopt
+graphopt debug mlp --pipeline -O1 --print-changed --compare-nodes
 graphopt demo
 """
 
@@ -25,7 +26,7 @@ import graphopt
 from graphopt import zoo
 from graphopt.errors import GraphoptError
 from graphopt.pass_manager import PassRecord, Report
-from graphopt.tools import bench
+from graphopt.tools import bench, debug
 
 console = Console(width=None if sys.stdout.isatty() else 110)
 
@@ -201,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_arguments(p)
     p.set_defaults(func=lambda a: bench.run(a, console))
+
+    p = sub.add_parser(
+        "debug", help="print IR, diffs, statistics, timing and per-node error, pass by pass"
+    )
+    debug.add_arguments(p)
+    p.set_defaults(func=lambda a: debug.run(a, load_model))
 
     p = sub.add_parser("demo", help="compile a zoo CNN and transformer and print their reports")
     common(p)
