@@ -14,11 +14,14 @@ from graphopt.errors import (
     EquivalenceError,
     GraphoptError,
     InputMismatchError,
+    OnnxImportError,
     PassError,
     PipelineError,
     SerializationError,
+    UnsupportedOpError,
 )
 from graphopt.ir import format_graph, propagate_meta
+from graphopt.onnx_import import OnnxModule, load_onnx
 from graphopt.pass_manager import EquivalenceWarning, PassContext, PassManager, Report
 from graphopt.passes_base import (
     OPT_LEVELS,
@@ -43,6 +46,8 @@ __all__ = [
     "FixedPoint",
     "GraphoptError",
     "InputMismatchError",
+    "OnnxImportError",
+    "OnnxModule",
     "OPT_LEVELS",
     "Pass",
     "PassContext",
@@ -54,11 +59,13 @@ __all__ = [
     "Rewriter",
     "SerializationError",
     "StaticShapeWarning",
+    "UnsupportedOpError",
     "apply_rules",
     "capture",
     "compile",
     "format_graph",
     "load",
+    "load_onnx",
     "parse_pipeline",
     "propagate_meta",
     "recover",

@@ -30,6 +30,26 @@ class SerializationError(GraphoptError):
     """A saved graphopt model could not be written or read back."""
 
 
+class OnnxImportError(GraphoptError):
+    """An ONNX model could not be read or imported (missing, corrupt, invalid, or failing)."""
+
+
+class UnsupportedOpError(OnnxImportError):
+    """The ONNX model uses op types graphopt does not import; ``ops`` maps each to node names."""
+
+    def __init__(self, ops: dict[str, list[str]], where: str) -> None:
+        self.ops = {k: list(v) for k, v in ops.items()}
+        parts = []
+        for op, nodes in sorted(self.ops.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            shown = ", ".join(nodes[:3]) + (", ..." if len(nodes) > 3 else "")
+            parts.append(f"{op} x{len(nodes)} ({shown})")
+        super().__init__(
+            f"{where}: {len(self.ops)} unsupported ONNX op type(s): {'; '.join(parts)}. "
+            "Re-export the model with standard ops at opset 13-21, rewrite those nodes with "
+            "onnx-graphsurgeon, or add a converter: graphopt.onnx_ops.OPS['OpType'] = fn"
+        )
+
+
 class PassError(GraphoptError):
     """A pass crashed (raised an exception) while rewriting the graph."""
 
