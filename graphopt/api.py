@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from graphopt import onnx_import
 from graphopt.capture import as_args, capture
 from graphopt.compiled import CompiledModule, InputSignature
 from graphopt.errors import CaptureError, GraphoptError
@@ -31,8 +32,8 @@ def resolve_target(target: str, model: torch.nn.Module, args: tuple[Any, ...]) -
 
 
 def compile(
-    model: torch.nn.Module,
-    example_inputs: Any,
+    model: Any,
+    example_inputs: Any = None,
     *,
     example_kwargs: dict[str, Any] | None = None,
     pipeline: str | Sequence[PipelineItem | str] = "-O1",
@@ -55,10 +56,17 @@ def compile(
     ``example_inputs`` (a tensor or a tuple of positional inputs). Without it, the example
     inputs are the only calibration batch. Under ``torch.distributed``, each process passes its
     own shard and the observers are all-reduced, so every process gets the same model.
+
+    ``model`` may be an ONNX file path or ``onnx.ModelProto``; ``example_inputs`` are then
+    optional (synthesized from the ONNX input types) and every symbolic ONNX dim stays dynamic.
     """
+    if onnx_import.is_onnx_source(model):  # an ONNX file or ModelProto: import it first
+        model = onnx_import.load_onnx(model)
+    if example_inputs is None and isinstance(model, onnx_import.OnnxModule):
+        example_inputs = model.example_inputs()
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(
-            f"graphopt.compile takes a torch.nn.Module, got {type(model).__name__}; wrap a "
+            f"graphopt.compile takes a torch.nn.Module or an ONNX file, got {type(model).__name__}; wrap a "
             "function in an nn.Module"
         )
     args = as_args(example_inputs)
@@ -84,4 +92,6 @@ def compile(
     optimized.meta["graphopt_capture"] = info
     spec = ",".join(item.spec() for item in manager.items)
     signature = InputSignature.of(args, kwargs, info["dynamic_batch"])
+    if "dynamic_dims" in info:  # ONNX: every symbolic dim may vary, not only dim 0
+        signature = onnx_import.input_signature(args, info)
     return CompiledModule(optimized, signature, report=report, pipeline=spec, target=resolved)

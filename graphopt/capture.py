@@ -64,17 +64,24 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def capture(
-    model: torch.nn.Module,
-    example_inputs: Any,
+    model: Any,
+    example_inputs: Any = None,
     example_kwargs: dict[str, Any] | None = None,
     *,
     dynamic_batch: bool = True,
 ) -> GraphModule:
-    """Capture ``model`` (in eval mode) as an FX GraphModule of ATen ops."""
+    """Capture ``model`` (in eval mode) as an FX GraphModule of ATen ops.
+
+    ``model`` may also be an ONNX file path or ``onnx.ModelProto`` (graphopt.onnx_import); its
+    example inputs are then optional (synthesized from the ONNX input types)."""
+    from graphopt import onnx_import
+
+    if onnx_import.is_onnx_source(model) or isinstance(model, onnx_import.OnnxModule):
+        return onnx_import.capture_onnx(model, example_inputs, dynamic_batch=dynamic_batch)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(
             f"graphopt captures torch.nn.Module objects, got {type(model).__name__}; "
-            "wrap a function in an nn.Module, or load an ONNX file with graphopt.load_onnx"
+            "wrap a function in an nn.Module, or pass the path of an ONNX file"
         )
     args = as_args(example_inputs)
     kwargs = dict(example_kwargs or {})

@@ -1,0 +1,1017 @@
+"""The ONNX op table: one entry per ONNX op type, each a small function building torch/ATen ops.
+
+Every entry takes an ``OnnxNode`` (its input values, attributes and the model's opset) and returns
+the node's output value, or a tuple of them. Values are ``torch.Tensor`` or ``ShapeVal``: a small
+integer tensor (a shape, an axis list, an index) kept as a Python list of ints or SymInts, so shape
+arithmetic (Shape -> Gather -> Concat -> Reshape) stays symbolic under ``torch.export`` instead of
+becoming data-dependent tensor math. An op that needs a tensor turns a ``ShapeVal`` into one
+(``T``); an op that needs a list reads it (``L``).
+
+Users add an op with ``OPS["MyOp"] = fn`` before importing.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from graphopt.errors import OnnxImportError
+
+# ONNX TensorProto data type -> torch dtype (string, bytes and 4-bit types are not supported)
+DTYPES: dict[int, torch.dtype] = {
+    1: torch.float32,
+    2: torch.uint8,
+    3: torch.int8,
+    4: torch.uint16,
+    5: torch.int16,
+    6: torch.int32,
+    7: torch.int64,
+    9: torch.bool,
+    10: torch.float16,
+    11: torch.float64,
+    12: torch.uint32,
+    13: torch.uint64,
+    16: torch.bfloat16,
+}
+
+# ShapeVal is used only for small integer tensors: larger ones are ordinary tensors.
+SHAPE_VAL_MAX = 64
+_INT_DTYPES = (torch.int64, torch.int32)
+
+
+@dataclass
+class ShapeVal:
+    """A 0-d or 1-d integer (or bool) tensor held as Python ints/SymInts/bools."""
+
+    values: list[Any]
+    scalar: bool = False
+    dtype: torch.dtype = torch.int64
+
+    def tensor(self) -> torch.Tensor:
+        t = torch.tensor(self.values, dtype=self.dtype)
+        return t.reshape(()) if self.scalar else t
+
+
+@dataclass
+class OnnxNode:
+    """One ONNX node as an op function sees it."""
+
+    op: str
+    name: str
+    inputs: list[Any]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    opset: int = 17
+    n_outputs: int = 1
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return self.attrs.get(key, default)
+
+    def input(self, i: int) -> Any:
+        return self.inputs[i] if i < len(self.inputs) else None
+
+
+def unsupported(n: OnnxNode, what: str) -> OnnxImportError:
+    return OnnxImportError(
+        f"ONNX node {n.name!r} ({n.op}): {what} is not supported by graphopt's importer; "
+        "re-export the model without it, or replace graphopt.onnx_ops.OPS[" + repr(n.op) + "]"
+    )
+
+
+def T(v: Any) -> Any:
+    """The value as a tensor (None stays None)."""
+    return v.tensor() if isinstance(v, ShapeVal) else v
+
+
+def L(v: Any) -> list[Any]:
+    """The value as a Python list (constant tensors only; a ShapeVal keeps its SymInts)."""
+    if isinstance(v, ShapeVal):
+        return list(v.values)
+    return [x for x in v.reshape(-1).tolist()]
+
+
+def scalar(v: Any) -> Any:
+    """A 0-d or 1-element value as a Python number (or SymInt)."""
+    return L(v)[0]
+
+
+def _is_shape(*vs: Any) -> bool:
+    return all(isinstance(v, ShapeVal) for v in vs)
+
+
+def shape_val(
+    values: Sequence[Any], *, scalar: bool = False, dtype: torch.dtype = torch.int64
+) -> ShapeVal:
+    return ShapeVal(list(values), scalar, dtype)
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _axes(n: OnnxNode, index: int, rank: int) -> list[int] | None:
+    """Axes from input ``index`` (opset 13+/18+) or the ``axes`` attribute (older opsets)."""
+    v = n.input(index)
+    axes = L(v) if v is not None else n.attr("axes")
+    return None if axes is None else [_axis(int(a), rank) for a in axes]
+
+
+def _rank(v: Any) -> int:
+    if isinstance(v, ShapeVal):
+        return 0 if v.scalar else 1
+    return v.dim()
+
+
+# -- elementwise ---------------------------------------------------------------------------------
+
+
+def _broadcast(
+    a: ShapeVal, b: ShapeVal, fn: Callable[[Any, Any], Any], dtype: torch.dtype
+) -> ShapeVal:
+    av, bv = a.values, b.values
+    if len(av) == 1 and len(bv) != 1:
+        av = av * len(bv)
+    if len(bv) == 1 and len(av) != 1:
+        bv = bv * len(av)
+    return ShapeVal([fn(x, y) for x, y in zip(av, bv)], a.scalar and b.scalar, dtype)
+
+
+def _int_div(x: Any, y: Any) -> Any:
+    q = abs(x) // abs(y)  # ONNX integer division truncates toward zero
+    return q if (x >= 0) == (y >= 0) else -q
+
+
+def _div(a: Any, b: Any) -> Any:
+    a, b = T(a), T(b)
+    if not a.is_floating_point() and not a.is_complex():
+        return torch.div(a, b, rounding_mode="trunc")
+    return a / b
+
+
+def binary(
+    tensor_fn: Callable[[Any, Any], Any], list_fn: Callable[[Any, Any], Any] | None = None
+) -> Callable[[OnnxNode], Any]:
+    """An elementwise binary op; on two ShapeVals it computes in Python (symbolic shapes)."""
+
+    def run(n: OnnxNode) -> Any:
+        a, b = n.inputs[0], n.inputs[1]
+        if list_fn is not None and _is_shape(a, b):
+            dtype = torch.bool if tensor_fn in _COMPARE else a.dtype
+            return _broadcast(a, b, list_fn, dtype)
+        return tensor_fn(T(a), T(b))
+
+    return run
+
+
+_COMPARE = (torch.eq, torch.lt, torch.gt, torch.le, torch.ge)
+
+
+def unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[OnnxNode], Any]:
+    return lambda n: fn(T(n.inputs[0]))
+
+
+def variadic(fn: Callable[[Any, Any], Any]) -> Callable[[OnnxNode], Any]:
+    def run(n: OnnxNode) -> Any:
+        vals = [T(v) for v in n.inputs if v is not None]
+        out = vals[0]
+        for v in vals[1:]:
+            out = fn(out, v)
+        return out
+
+    return run
+
+
+def _mean(n: OnnxNode) -> Any:
+    vals = [T(v) for v in n.inputs if v is not None]
+    return variadic(torch.add)(n) / len(vals)
+
+
+def _pow(n: OnnxNode) -> Any:
+    a, b = T(n.inputs[0]), T(n.inputs[1])
+    return torch.pow(a, b).to(a.dtype)  # ONNX lets the exponent's type differ; the base's wins
+
+
+def _mod(n: OnnxNode) -> Any:
+    a, b = T(n.inputs[0]), T(n.inputs[1])
+    return torch.fmod(a, b) if n.attr("fmod", 0) else torch.remainder(a, b)
+
+
+def _clip(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    lo, hi = (n.input(1), n.input(2)) if n.opset >= 11 else (n.attr("min"), n.attr("max"))
+    lo = T(lo) if lo is not None else None
+    hi = T(hi) if hi is not None else None
+    if lo is None and hi is None:
+        return x
+    return torch.clamp(x, lo, hi)
+
+
+def _hard_sigmoid(n: OnnxNode) -> Any:
+    alpha, beta = n.attr("alpha", 0.2), n.attr("beta", 0.5)
+    x = T(n.inputs[0])
+    if math.isclose(alpha, 1 / 6, rel_tol=1e-6) and beta == 0.5:
+        return F.hardsigmoid(x)
+    return torch.clamp(x * alpha + beta, 0.0, 1.0)
+
+
+def _prelu(n: OnnxNode) -> Any:
+    x, slope = T(n.inputs[0]), T(n.inputs[1])
+    return torch.where(x < 0, x * slope, x)
+
+
+def _cast(n: OnnxNode) -> Any:
+    to = n.attr("to")
+    if to not in DTYPES:
+        raise unsupported(n, f"Cast to ONNX data type {to}")
+    dtype = DTYPES[to]
+    return _cast_to(n.inputs[0], dtype)
+
+
+def _cast_to(x: Any, dtype: torch.dtype) -> Any:
+    if isinstance(x, ShapeVal) and dtype in _INT_DTYPES:
+        return ShapeVal(list(x.values), x.scalar, dtype)
+    return T(x).to(dtype)
+
+
+def _cast_like(n: OnnxNode) -> Any:
+    return _cast_to(n.inputs[0], T(n.inputs[1]).dtype)
+
+
+def _where(n: OnnxNode) -> Any:
+    c, a, b = n.inputs[:3]
+    if _is_shape(c, a, b):
+        k = max(len(c.values), len(a.values), len(b.values))
+        pick = [
+            (
+                a.values[i % len(a.values)]
+                if c.values[i % len(c.values)]
+                else b.values[i % len(b.values)]
+            )
+            for i in range(k)
+        ]
+        return ShapeVal(pick, c.scalar and a.scalar and b.scalar, a.dtype)
+    return torch.where(T(c), T(a), T(b))
+
+
+def _not(n: OnnxNode) -> Any:
+    x = n.inputs[0]
+    if isinstance(x, ShapeVal):
+        return ShapeVal([not v for v in x.values], x.scalar, torch.bool)
+    return torch.logical_not(x)
+
+
+def _is_inf(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    pos, neg = n.attr("detect_positive", 1), n.attr("detect_negative", 1)
+    if pos and neg:
+        return torch.isinf(x)
+    if pos:
+        return torch.isposinf(x)
+    if neg:
+        return torch.isneginf(x)
+    return torch.zeros_like(x, dtype=torch.bool)
+
+
+# -- activations ---------------------------------------------------------------------------------
+
+
+def _elu(n: OnnxNode) -> Any:
+    return F.elu(T(n.inputs[0]), alpha=n.attr("alpha", 1.0))
+
+
+def _selu(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    alpha, gamma = (
+        n.attr("alpha", 1.67326319217681884765625),
+        n.attr("gamma", 1.05070102214813232421875),
+    )
+    return gamma * torch.where(x > 0, x, alpha * (torch.exp(x) - 1))
+
+
+def _celu(n: OnnxNode) -> Any:
+    return F.celu(T(n.inputs[0]), alpha=n.attr("alpha", 1.0))
+
+
+def _gelu(n: OnnxNode) -> Any:
+    return F.gelu(T(n.inputs[0]), approximate=n.attr("approximate", "none"))
+
+
+def _softmax(fn: Callable[..., torch.Tensor]) -> Callable[[OnnxNode], Any]:
+    def run(n: OnnxNode) -> Any:
+        x = T(n.inputs[0])
+        if n.opset >= 13:
+            return fn(x, _axis(n.attr("axis", -1), x.dim()))
+        # opset < 13: the input is coerced to 2-D at `axis` (default 1) and normalized per row
+        axis = _axis(n.attr("axis", 1), x.dim())
+        flat = x.reshape(math.prod(x.shape[:axis]), -1)
+        return fn(flat, 1).reshape(x.shape)
+
+    return run
+
+
+def _hardmax(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    axis = _axis(n.attr("axis", -1), x.dim())
+    return F.one_hot(x.argmax(axis), x.shape[axis]).movedim(-1, axis).to(x.dtype)
+
+
+# -- linear algebra and convolution --------------------------------------------------------------
+
+
+def _gemm(n: OnnxNode) -> Any:
+    a, b, c = T(n.inputs[0]), T(n.inputs[1]), T(n.input(2))
+    alpha, beta = n.attr("alpha", 1.0), n.attr("beta", 1.0)
+    a = a.t() if n.attr("transA", 0) else a
+    if n.attr("transB", 0) and alpha == 1.0 and beta == 1.0 and (c is None or c.dim() == 1):
+        return F.linear(a, b, c)  # the form torch models capture as (fold-bn, epilogues match it)
+    b = b.t() if n.attr("transB", 0) else b
+    y = a @ b
+    y = y * alpha if alpha != 1.0 else y
+    if c is not None:
+        y = y + (c * beta if beta != 1.0 else c)
+    return y
+
+
+def _spatial_pads(
+    n: OnnxNode, x: torch.Tensor, kernel: list[int], strides: list[int], dilations: list[int]
+) -> list[int]:
+    """ONNX pads [b1, b2, ..., e1, e2, ...] with auto_pad resolved from the input's sizes."""
+    k = len(kernel)
+    auto = n.attr("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for i in range(k):
+            size = x.shape[2 + i]
+            out = -(-size // strides[i])
+            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size, 0)
+            small = total // 2
+            begins.append(small if auto == "SAME_UPPER" else total - small)
+            ends.append(total - small if auto == "SAME_UPPER" else small)
+        return begins + ends
+    if auto == "VALID":
+        return [0] * (2 * k)
+    return list(n.attr("pads", [0] * (2 * k)))
+
+
+def _torch_pad(pads: list[int]) -> list[int]:
+    """ONNX [b1..bk, e1..ek] -> F.pad's (last dim first) [bk, ek, ..., b1, e1]."""
+    k = len(pads) // 2
+    out: list[int] = []
+    for i in reversed(range(k)):
+        out += [pads[i], pads[k + i]]
+    return out
+
+
+def _conv(n: OnnxNode) -> Any:
+    x, w, b = T(n.inputs[0]), T(n.inputs[1]), T(n.input(2))
+    k = w.dim() - 2
+    kernel = list(n.attr("kernel_shape", w.shape[2:]))
+    strides = list(n.attr("strides", [1] * k))
+    dilations = list(n.attr("dilations", [1] * k))
+    pads = _spatial_pads(n, x, kernel, strides, dilations)
+    if pads[:k] == pads[k:]:
+        padding: Any = pads[:k]
+    else:
+        x, padding = F.pad(x, _torch_pad(pads)), 0
+    conv = (F.conv1d, F.conv2d, F.conv3d)[k - 1]
+    return conv(x, w, b, strides, padding, dilations, n.attr("group", 1))
+
+
+def _conv_transpose(n: OnnxNode) -> Any:
+    x, w, b = T(n.inputs[0]), T(n.inputs[1]), T(n.input(2))
+    k = w.dim() - 2
+    kernel = list(n.attr("kernel_shape", w.shape[2:]))
+    strides = list(n.attr("strides", [1] * k))
+    dilations = list(n.attr("dilations", [1] * k))
+    out_pad = list(n.attr("output_padding", [0] * k))
+    full = [
+        (x.shape[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 + out_pad[i]
+        for i in range(k)
+    ]
+    out_shape = n.attr("output_shape")
+    auto = n.attr("auto_pad", "NOTSET")
+    if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        target = (
+            list(out_shape)[-k:]
+            if out_shape is not None
+            else [x.shape[2 + i] * strides[i] for i in range(k)]
+        )
+        totals = [full[i] - target[i] for i in range(k)]
+        upper = auto != "SAME_LOWER"
+        begins = [(t // 2 if upper else t - t // 2) for t in totals]
+        pads = begins + [t - bg for t, bg in zip(totals, begins)]
+    elif auto == "VALID":
+        pads = [0] * (2 * k)
+    else:
+        pads = list(n.attr("pads", [0] * (2 * k)))
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[k - 1]
+    group = n.attr("group", 1)
+    if (
+        pads[:k] == pads[k:]
+        and all(p >= 0 for p in pads)
+        and all(o < max(s, d) for o, s, d in zip(out_pad, strides, dilations))
+    ):
+        return conv(x, w, b, strides, pads[:k], out_pad, group, dilations)
+    # asymmetric (or negative) padding: run unpadded, then crop (or zero-pad) each side
+    y = conv(x, w, None, strides, 0, 0, group, dilations)
+    y = F.pad(y, _torch_pad([-p for p in pads[:k]] + [op - p for op, p in zip(out_pad, pads[k:])]))
+    return y if b is None else y + b.reshape(1, -1, *([1] * k))
+
+
+def _pool(n: OnnxNode, kind: str) -> Any:
+    x = T(n.inputs[0])
+    kernel = list(n.attr("kernel_shape"))
+    k = len(kernel)
+    strides = list(n.attr("strides", [1] * k))
+    dilations = list(n.attr("dilations", [1] * k))
+    pads = _spatial_pads(n, x, kernel, strides, dilations)
+    ceil = bool(n.attr("ceil_mode", 0))
+    if n.n_outputs > 1:
+        raise unsupported(n, "the Indices output of MaxPool")
+    symmetric = pads[:k] == pads[k:] and all(2 * p <= kk for p, kk in zip(pads[:k], kernel))
+    if kind == "max":
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[k - 1]
+        if not symmetric:
+            x, pads = F.pad(x, _torch_pad(pads), value=float("-inf")), [0] * (2 * k)
+        return pool(x, kernel, strides, pads[:k], dilations, ceil_mode=ceil)
+    if any(d != 1 for d in dilations):
+        raise unsupported(n, "AveragePool with dilations")
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[k - 1]
+    include = bool(n.attr("count_include_pad", 0))
+    if symmetric:
+        return pool(x, kernel, strides, pads[:k], ceil_mode=ceil, count_include_pad=include)
+    # asymmetric pads: sum over the padded window, divided by the count of (real) cells in it
+    area = math.prod(kernel)
+    total = pool(F.pad(x, _torch_pad(pads)), kernel, strides, 0, ceil_mode=ceil) * area
+    if include:
+        return total / area
+    ones = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(pads))
+    return total / (pool(ones, kernel, strides, 0, ceil_mode=ceil) * area)
+
+
+def _lp_pool(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    kernel = list(n.attr("kernel_shape"))
+    k = len(kernel)
+    strides = list(n.attr("strides", [1] * k))
+    p = n.attr("p", 2)
+    pads = _spatial_pads(n, x, kernel, strides, [1] * k)
+    x = F.pad(x, _torch_pad(pads))
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[k - 1]
+    return (pool(x.abs() ** p, kernel, strides, 0) * math.prod(kernel)) ** (1.0 / p)
+
+
+def _batch_norm(n: OnnxNode) -> Any:
+    x, scale, bias, mean, var = (T(v) for v in n.inputs[:5])
+    if n.attr("training_mode", 0) or n.n_outputs > 1:
+        raise unsupported(n, "BatchNormalization in training mode")
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, n.attr("epsilon", 1e-5))
+
+
+def _layer_norm(n: OnnxNode) -> Any:
+    x, scale, bias = T(n.inputs[0]), T(n.inputs[1]), T(n.input(2))
+    axis = _axis(n.attr("axis", -1), x.dim())
+    eps = n.attr("epsilon", 1e-5)
+    if n.n_outputs == 1 and tuple(scale.shape) == tuple(x.shape[axis:]):
+        if bias is None or tuple(bias.shape) == tuple(x.shape[axis:]):
+            return F.layer_norm(x, tuple(x.shape[axis:]), scale, bias, eps)
+    dims = list(range(axis, x.dim()))
+    xf = x.float() if n.attr("stash_type", 1) == 1 and x.dtype != torch.float64 else x
+    mean = xf.mean(dims, keepdim=True)
+    inv = torch.rsqrt(((xf - mean) ** 2).mean(dims, keepdim=True) + eps)
+    y = ((xf - mean) * inv).to(x.dtype) * scale
+    y = y + bias if bias is not None else y
+    return (y, mean, inv)[: n.n_outputs] if n.n_outputs > 1 else y
+
+
+def _instance_norm(n: OnnxNode) -> Any:
+    x, scale, bias = (T(v) for v in n.inputs[:3])
+    return F.instance_norm(x, weight=scale, bias=bias, eps=n.attr("epsilon", 1e-5))
+
+
+def _lrn(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    return F.local_response_norm(
+        x, n.attr("size"), n.attr("alpha", 1e-4), n.attr("beta", 0.75), n.attr("bias", 1.0)
+    )
+
+
+def _global_pool(fn: Callable[..., torch.Tensor]) -> Callable[[OnnxNode], Any]:
+    def run(n: OnnxNode) -> Any:
+        x = T(n.inputs[0])
+        return fn(x, list(range(2, x.dim())), keepdim=True)
+
+    return run
+
+
+# -- shape and data movement ---------------------------------------------------------------------
+
+
+def _shape(n: OnnxNode) -> Any:
+    x = n.inputs[0]
+    dims = ([] if x.scalar else [len(x.values)]) if isinstance(x, ShapeVal) else list(x.shape)
+    start, end = n.attr("start", 0), n.attr("end")
+    return shape_val(dims[start:end] if end is not None else dims[start:])
+
+
+def _size(n: OnnxNode) -> Any:
+    x = n.inputs[0]
+    count = len(x.values) if isinstance(x, ShapeVal) else math.prod(x.shape)
+    return shape_val([count], scalar=True)
+
+
+def _gather(n: OnnxNode) -> Any:
+    data, idx = n.inputs[0], n.inputs[1]
+    axis = n.attr("axis", 0)
+    if isinstance(data, ShapeVal) and isinstance(idx, ShapeVal):
+        picked = [data.values[int(i)] for i in idx.values]
+        return ShapeVal(picked, idx.scalar, data.dtype)
+    data = T(data)
+    axis = _axis(axis, data.dim())
+    if isinstance(idx, ShapeVal) and idx.scalar and isinstance(idx.values[0], int):
+        return data.select(axis, idx.values[0])
+    # numpy take: advanced indexing wraps negative indices and keeps the index tensor's shape
+    return data[(slice(None),) * axis + (T(idx),)]
+
+
+def _gather_elements(n: OnnxNode) -> Any:
+    data, idx = T(n.inputs[0]), T(n.inputs[1])
+    axis = _axis(n.attr("axis", 0), data.dim())
+    idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+    return torch.gather(data, axis, idx)
+
+
+def _gather_nd(n: OnnxNode) -> Any:
+    data, idx = T(n.inputs[0]), T(n.inputs[1])
+    if n.attr("batch_dims", 0):
+        raise unsupported(n, "GatherND with batch_dims")
+    m = idx.shape[-1]
+    return data[tuple(idx[..., i] for i in range(m))]
+
+
+def _unsqueeze(n: OnnxNode) -> Any:
+    x = n.inputs[0]
+    raw = L(n.input(1)) if n.input(1) is not None else n.attr("axes")
+    axes = sorted(_axis(int(a), _rank(x) + len(raw)) for a in raw)
+    if isinstance(x, ShapeVal) and x.scalar and axes == [0]:
+        return ShapeVal(list(x.values), False, x.dtype)
+    y = T(x)
+    for a in axes:
+        y = y.unsqueeze(a)
+    return y
+
+
+def _squeeze(n: OnnxNode) -> Any:
+    x = n.inputs[0]
+    axes = _axes(n, 1, _rank(x))
+    if isinstance(x, ShapeVal) and not x.scalar and len(x.values) == 1 and axes in (None, [0]):
+        return ShapeVal(list(x.values), True, x.dtype)
+    y = T(x)
+    if axes is None:
+        return y.squeeze()
+    return y.squeeze(tuple(axes)) if axes else y
+
+
+def _concat(n: OnnxNode) -> Any:
+    vals = [v for v in n.inputs if v is not None]
+    if _is_shape(*vals):
+        return ShapeVal([x for v in vals for x in v.values], False, vals[0].dtype)
+    tensors = [T(v) for v in vals]
+    return torch.cat(tensors, _axis(n.attr("axis"), tensors[0].dim()))
+
+
+def _reshape(n: OnnxNode) -> Any:
+    x, shape = n.inputs[0], L(n.inputs[1])
+    dims = list(x.shape) if not isinstance(x, ShapeVal) else ([] if x.scalar else [len(x.values)])
+    if not n.attr("allowzero", 0):
+        shape = [dims[i] if (isinstance(s, int) and s == 0) else s for i, s in enumerate(shape)]
+    if isinstance(x, ShapeVal):
+        return ShapeVal(list(x.values), len(shape) == 0, x.dtype)
+    return x.reshape(shape)
+
+
+def _flatten(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    axis = _axis(n.attr("axis", 1), x.dim())
+    if axis == 0:
+        return x.reshape(1, -1)
+    y = x.flatten(axis) if axis < x.dim() else x.unsqueeze(-1)
+    return y.flatten(0, axis - 1)
+
+
+def _transpose(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    perm = n.attr("perm") or list(reversed(range(x.dim())))
+    return x.permute(*perm)
+
+
+def _split(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    axis = _axis(n.attr("axis", 0), x.dim())
+    sizes = L(n.input(1)) if n.input(1) is not None else n.attr("split")
+    if not sizes:
+        parts = n.attr("num_outputs", n.n_outputs)
+        sizes = -(-x.shape[axis] // parts)  # opset 18: equal chunks, the last one smaller
+    return tuple(torch.split(x, sizes, axis))
+
+
+def _slice(n: OnnxNode) -> Any:
+    x = n.inputs[0]
+    if n.opset < 10:
+        starts, ends, axes, steps = n.attr("starts"), n.attr("ends"), n.attr("axes"), None
+    else:
+        starts, ends = L(n.inputs[1]), L(n.inputs[2])
+        axes = L(n.input(3)) if n.input(3) is not None else None
+        steps = L(n.input(4)) if n.input(4) is not None else None
+    rank = _rank(x)
+    axes = [_axis(a, rank) for a in (axes if axes is not None else range(len(starts)))]
+    steps = steps or [1] * len(starts)
+    if isinstance(x, ShapeVal):
+        return ShapeVal(list(x.values)[slice(starts[0], ends[0], steps[0])], False, x.dtype)
+    y = x
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        if st > 0:
+            y = y[(slice(None),) * a + (slice(_clamp_int(s), _clamp_int(e), st),)]
+        else:  # torch slices have positive steps: pick the indices numpy would
+            idx = torch.arange(*slice(s, e, st).indices(y.shape[a]))
+            y = y.index_select(a, idx)
+    return y
+
+
+def _clamp_int(v: Any) -> Any:
+    # INT64_MAX/MIN ends mean "to the end"; keep them representable for torch's slice
+    if isinstance(v, int) and abs(v) > 2**62:
+        return None if v > 0 else -(2**62)
+    return v
+
+
+def _expand(n: OnnxNode) -> Any:
+    x, shape = T(n.inputs[0]), L(n.inputs[1])
+    rank = max(x.dim(), len(shape))
+    xs = [1] * (rank - x.dim()) + list(x.shape)
+    ts = [1] * (rank - len(shape)) + list(shape)
+    out = [xd if (isinstance(td, int) and td == 1) else td for xd, td in zip(xs, ts)]
+    return x.reshape(xs).expand(out)
+
+
+def _tile(n: OnnxNode) -> Any:
+    return T(n.inputs[0]).repeat(L(n.inputs[1]))
+
+
+def _pad(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    mode = n.attr("mode", "constant")
+    if n.opset >= 11:
+        pads, value = L(n.inputs[1]), n.input(2)
+        value = scalar(value) if value is not None else 0
+        axes = L(n.input(3)) if n.input(3) is not None else None
+    else:
+        pads, value, axes = n.attr("pads"), n.attr("value", 0.0), None
+    if axes is not None:
+        k = len(axes)
+        full = [0] * (2 * x.dim())
+        for i, a in enumerate(axes):
+            a = _axis(a, x.dim())
+            full[a], full[x.dim() + a] = pads[i], pads[k + i]
+        pads = full
+    torch_pads = _torch_pad(pads)
+    while len(torch_pads) >= 2 and torch_pads[-2:] == [0, 0] and mode != "constant":
+        torch_pads = torch_pads[:-2]  # torch pads only trailing dims in the non-constant modes
+    modes = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+    if mode not in modes:
+        raise unsupported(n, f"Pad mode {mode!r}")
+    if mode == "constant":
+        return F.pad(x, torch_pads, value=value)
+    return F.pad(x, torch_pads, mode=modes[mode])
+
+
+def _constant_of_shape(n: OnnxNode) -> Any:
+    shape = L(n.inputs[0])
+    value = n.attr("value")
+    fill = value.reshape(-1)[0] if value is not None else torch.tensor(0.0)
+    dtype = fill.dtype
+    if (
+        dtype in _INT_DTYPES
+        and len(shape) == 1
+        and isinstance(shape[0], int)
+        and shape[0] <= SHAPE_VAL_MAX
+    ):
+        return ShapeVal([int(fill)] * shape[0], False, dtype)
+    return torch.full(shape, fill.item(), dtype=dtype)
+
+
+def _range(n: OnnxNode) -> Any:
+    start, limit, delta = (scalar(v) for v in n.inputs[:3])
+    dtype = T(n.inputs[0]).dtype if not isinstance(n.inputs[0], ShapeVal) else n.inputs[0].dtype
+    return torch.arange(start, limit, delta, dtype=dtype)
+
+
+def _trilu(n: OnnxNode) -> Any:
+    x, k = T(n.inputs[0]), n.input(1)
+    k = int(scalar(k)) if k is not None else 0
+    return torch.triu(x, k) if n.attr("upper", 1) else torch.tril(x, k)
+
+
+def _identity(n: OnnxNode) -> Any:
+    return n.inputs[0]
+
+
+def _dropout(n: OnnxNode) -> Any:
+    x = n.inputs[0]
+    if n.n_outputs > 1:  # inference: nothing is dropped, the mask is all true
+        return x, torch.ones_like(T(x), dtype=torch.bool)
+    return x
+
+
+def _einsum(n: OnnxNode) -> Any:
+    return torch.einsum(n.attr("equation"), *[T(v) for v in n.inputs])
+
+
+def _reduce(fn: Callable[..., torch.Tensor], axes_input_from: int) -> Callable[[OnnxNode], Any]:
+    """ReduceX: axes are an input from ``axes_input_from`` on (ReduceSum 13, the rest 18)."""
+
+    def run(n: OnnxNode) -> Any:
+        x = T(n.inputs[0])
+        if n.opset >= axes_input_from:
+            axes = (
+                [_axis(int(a), x.dim()) for a in L(n.input(1))] if n.input(1) is not None else None
+            )
+        else:
+            axes = _axes(n, 99, x.dim())
+        keep = bool(n.attr("keepdims", 1))
+        if not axes:
+            if n.attr("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(x.dim()))
+        return fn(x, axes, keep)
+
+    return run
+
+
+def _reduce_prod(x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
+    for a in sorted(axes, reverse=True):
+        x = x.prod(a, keepdim=keep)
+    return x
+
+
+def _logsumexp(x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
+    return torch.logsumexp(x, axes, keepdim=keep)
+
+
+def _arg(fn: Callable[..., torch.Tensor]) -> Callable[[OnnxNode], Any]:
+    def run(n: OnnxNode) -> Any:
+        x = T(n.inputs[0])
+        axis = _axis(n.attr("axis", 0), x.dim())
+        keep = bool(n.attr("keepdims", 1))
+        if n.attr("select_last_index", 0):  # the last extreme: search the flipped tensor
+            return (x.shape[axis] - 1) - fn(x.flip(axis), axis, keepdim=keep)
+        return fn(x, axis, keepdim=keep)
+
+    return run
+
+
+def _cumsum(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    axis = _axis(int(scalar(n.inputs[1])), x.dim())
+    y = x.flip(axis) if n.attr("reverse", 0) else x
+    out = torch.cumsum(y, axis)
+    out = out - y if n.attr("exclusive", 0) else out
+    return out.flip(axis) if n.attr("reverse", 0) else out
+
+
+def _topk(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    k = int(scalar(n.inputs[1])) if n.opset >= 10 else n.attr("k")
+    axis = _axis(n.attr("axis", -1), x.dim())
+    values, indices = torch.topk(x, k, axis, bool(n.attr("largest", 1)), bool(n.attr("sorted", 1)))
+    return values, indices
+
+
+def _one_hot(n: OnnxNode) -> Any:
+    idx, depth, values = T(n.inputs[0]), int(scalar(n.inputs[1])), T(n.inputs[2])
+    axis = n.attr("axis", -1)
+    idx = torch.where(idx < 0, idx + depth, idx).long()
+    hot = F.one_hot(idx, depth).bool()
+    out = torch.where(hot, values[1], values[0])
+    return out.movedim(-1, _axis(axis, out.dim()))
+
+
+def _constant(n: OnnxNode) -> Any:
+    raise unsupported(n, "a Constant evaluated at run time")  # constants are read at build time
+
+
+# -- quantization --------------------------------------------------------------------------------
+
+
+def _per_axis(scale: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    if scale.dim() == 0 or x.dim() == 0:
+        return scale
+    shape = [1] * x.dim()
+    shape[_axis(axis, x.dim())] = -1
+    return scale.reshape(shape)
+
+
+def _dequantize(n: OnnxNode) -> Any:
+    x, scale, zp = T(n.inputs[0]), T(n.inputs[1]), T(n.input(2))
+    if n.attr("block_size", 0):
+        raise unsupported(n, "blocked DequantizeLinear")
+    axis = n.attr("axis", 1)
+    s = _per_axis(scale, x, axis)
+    y = x.to(torch.float32) if s.dtype == torch.float16 else x.to(s.dtype)
+    if zp is not None:
+        y = y - _per_axis(zp, x, axis).to(y.dtype)
+    return (y * s.to(y.dtype)).to(scale.dtype)
+
+
+_QRANGE = {
+    torch.uint8: (0, 255),
+    torch.int8: (-128, 127),
+    torch.uint16: (0, 65535),
+    torch.int16: (-32768, 32767),
+}
+
+
+def _quantize(n: OnnxNode) -> Any:
+    x, scale, zp = T(n.inputs[0]), T(n.inputs[1]), T(n.input(2))
+    if n.attr("block_size", 0):
+        raise unsupported(n, "blocked QuantizeLinear")
+    dtype = zp.dtype if zp is not None else DTYPES.get(n.attr("output_dtype", 2) or 2, torch.uint8)
+    if dtype not in _QRANGE:
+        raise unsupported(n, f"QuantizeLinear to {dtype}")
+    axis = n.attr("axis", 1)
+    y = torch.round(x.to(torch.float32) / _per_axis(scale, x, axis).to(torch.float32))
+    if zp is not None:
+        y = y + _per_axis(zp, x, axis).to(torch.float32)
+    lo, hi = _QRANGE[dtype]
+    return torch.clamp(y, lo, hi).to(dtype)
+
+
+def _matmul_integer(n: OnnxNode) -> Any:
+    a, b = T(n.inputs[0]).to(torch.int32), T(n.inputs[1]).to(torch.int32)
+    a_zp, b_zp = T(n.input(2)), T(n.input(3))
+    if a_zp is not None:
+        a = a - (a_zp.reshape(-1, 1) if a_zp.dim() == 1 and a.dim() >= 2 else a_zp).to(torch.int32)
+    if b_zp is not None:
+        b = b - b_zp.to(torch.int32)
+    # integer matmul: exact in float64 for int8 ranges up to k = 2^37, and it runs on every device
+    return torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int32)
+
+
+def _max_list(a: Any, b: Any) -> Any:
+    return a if a >= b else b
+
+
+def _min_list(a: Any, b: Any) -> Any:
+    return a if a <= b else b
+
+
+def _max(n: OnnxNode) -> Any:
+    vals = [v for v in n.inputs if v is not None]
+    if len(vals) == 2 and _is_shape(*vals):
+        return _broadcast(vals[0], vals[1], _max_list, vals[0].dtype)
+    return variadic(torch.maximum)(n)
+
+
+def _min(n: OnnxNode) -> Any:
+    vals = [v for v in n.inputs if v is not None]
+    if len(vals) == 2 and _is_shape(*vals):
+        return _broadcast(vals[0], vals[1], _min_list, vals[0].dtype)
+    return variadic(torch.minimum)(n)
+
+
+def _xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.logical_xor(a, b)
+
+
+OPS: dict[str, Callable[[OnnxNode], Any]] = {
+    # elementwise arithmetic: ONNX broadcasting is numpy's, as torch's
+    "Add": binary(torch.add, operator.add),  # a + b
+    "Sub": binary(torch.sub, operator.sub),  # a - b
+    "Mul": binary(torch.mul, operator.mul),  # a * b
+    "Div": binary(_div, _int_div),  # a / b (integers truncate toward zero)
+    "Pow": _pow,  # a ** b, in a's dtype
+    "Mod": _mod,  # remainder (sign of divisor) or fmod=1 (sign of dividend)
+    "Max": _max,  # elementwise max of n inputs
+    "Min": _min,  # elementwise min of n inputs
+    "Sum": variadic(torch.add),  # a + b + ...
+    "Mean": _mean,  # (a + b + ...) / n
+    "Neg": unary(torch.neg),  # -x
+    "Abs": unary(torch.abs),  # |x|
+    "Reciprocal": unary(torch.reciprocal),  # 1 / x
+    "Sqrt": unary(torch.sqrt),  # sqrt(x)
+    "Exp": unary(torch.exp),  # e ** x
+    "Log": unary(torch.log),  # ln x
+    "Floor": unary(torch.floor),  # floor(x)
+    "Ceil": unary(torch.ceil),  # ceil(x)
+    "Round": unary(torch.round),  # round half to even
+    "Sign": unary(torch.sign),  # -1, 0, 1
+    "Sin": unary(torch.sin),  # sin x
+    "Cos": unary(torch.cos),  # cos x
+    "Tan": unary(torch.tan),  # tan x
+    "Asin": unary(torch.asin),  # asin x
+    "Acos": unary(torch.acos),  # acos x
+    "Atan": unary(torch.atan),  # atan x
+    "Sinh": unary(torch.sinh),  # sinh x
+    "Cosh": unary(torch.cosh),  # cosh x
+    "Erf": unary(torch.erf),  # erf x
+    "IsNaN": unary(torch.isnan),  # x != x
+    "IsInf": _is_inf,  # |x| == inf, by sign
+    "Clip": _clip,  # clamp(x, min, max); bounds are inputs from opset 11
+    # comparisons and logic
+    "Equal": binary(torch.eq, operator.eq),  # a == b
+    "Less": binary(torch.lt, operator.lt),  # a < b
+    "Greater": binary(torch.gt, operator.gt),  # a > b
+    "LessOrEqual": binary(torch.le, operator.le),  # a <= b
+    "GreaterOrEqual": binary(torch.ge, operator.ge),  # a >= b
+    "Not": _not,  # ~x
+    "And": binary(torch.logical_and),  # a & b
+    "Or": binary(torch.logical_or),  # a | b
+    "Xor": binary(_xor),  # a ^ b
+    "Where": _where,  # cond ? a : b
+    # activations
+    "Relu": unary(F.relu),  # max(x, 0)
+    "Sigmoid": unary(torch.sigmoid),  # 1 / (1 + e ** -x)
+    "Tanh": unary(torch.tanh),  # tanh x
+    "Gelu": _gelu,  # x * Phi(x), erf or tanh form
+    "HardSigmoid": _hard_sigmoid,  # clamp(alpha * x + beta, 0, 1)
+    "HardSwish": unary(F.hardswish),  # x * hardsigmoid(x)
+    "LeakyRelu": lambda n: F.leaky_relu(T(n.inputs[0]), n.attr("alpha", 0.01)),  # x < 0 ? a*x : x
+    "PRelu": _prelu,  # x < 0 ? slope * x : x
+    "Elu": _elu,  # x < 0 ? alpha * (e**x - 1) : x
+    "Selu": _selu,  # gamma * elu(x, alpha)
+    "Celu": _celu,  # max(0,x) + min(0, alpha * (e**(x/alpha) - 1))
+    "Softplus": unary(F.softplus),  # ln(1 + e**x)
+    "Softsign": unary(F.softsign),  # x / (1 + |x|)
+    "Mish": unary(F.mish),  # x * tanh(softplus(x))
+    "ThresholdedRelu": lambda n: torch.where(
+        T(n.inputs[0]) > n.attr("alpha", 1.0), T(n.inputs[0]), 0.0
+    ),  # x > a ? x : 0
+    "Softmax": _softmax(torch.softmax),  # e**x / sum e**x over axis
+    "LogSoftmax": _softmax(torch.log_softmax),  # x - logsumexp(x) over axis
+    "Hardmax": _hardmax,  # one-hot of the argmax over axis
+    # linear algebra, convolution, pooling, normalization
+    "MatMul": lambda n: torch.matmul(T(n.inputs[0]), T(n.inputs[1])),  # numpy matmul
+    "Gemm": _gemm,  # alpha * A' @ B' + beta * C (linear when it is one)
+    "Einsum": _einsum,  # einsum(equation, ...)
+    "Conv": _conv,  # conv1d/2d/3d, asymmetric pads via F.pad
+    "ConvTranspose": _conv_transpose,  # conv_transpose1d/2d/3d, output_shape/auto_pad via crop
+    "MaxPool": lambda n: _pool(n, "max"),  # max_pool1d/2d/3d
+    "AveragePool": lambda n: _pool(n, "avg"),  # avg_pool1d/2d/3d (count_include_pad honored)
+    "LpPool": _lp_pool,  # (sum |x|**p over the window) ** (1/p)
+    "GlobalAveragePool": _global_pool(torch.mean),  # mean over spatial dims, kept
+    "GlobalMaxPool": _global_pool(torch.amax),  # max over spatial dims, kept
+    "BatchNormalization": _batch_norm,  # inference batch norm (running statistics)
+    "LayerNormalization": _layer_norm,  # layer_norm over dims axis..-1
+    "InstanceNormalization": _instance_norm,  # per-sample, per-channel normalization
+    "LRN": _lrn,  # local response normalization across channels
+    # reductions
+    "ReduceSum": _reduce(lambda x, a, k: x.sum(a, keepdim=k), 13),  # sum over axes
+    "ReduceMean": _reduce(lambda x, a, k: x.mean(a, keepdim=k), 18),  # mean over axes
+    "ReduceMax": _reduce(lambda x, a, k: x.amax(a, keepdim=k), 18),  # max over axes
+    "ReduceMin": _reduce(lambda x, a, k: x.amin(a, keepdim=k), 18),  # min over axes
+    "ReduceProd": _reduce(_reduce_prod, 18),  # product over axes
+    "ReduceL1": _reduce(lambda x, a, k: x.abs().sum(a, keepdim=k), 18),  # sum |x|
+    "ReduceL2": _reduce(lambda x, a, k: (x * x).sum(a, keepdim=k).sqrt(), 18),  # sqrt(sum x**2)
+    "ReduceSumSquare": _reduce(lambda x, a, k: (x * x).sum(a, keepdim=k), 18),  # sum x**2
+    "ReduceLogSumExp": _reduce(_logsumexp, 18),  # log(sum e**x)
+    "ReduceLogSum": _reduce(lambda x, a, k: x.sum(a, keepdim=k).log(), 18),  # log(sum x)
+    "ArgMax": _arg(torch.argmax),  # index of the max along axis
+    "ArgMin": _arg(torch.argmin),  # index of the min along axis
+    "CumSum": _cumsum,  # running sum along axis (exclusive, reverse)
+    "TopK": _topk,  # k largest/smallest values and their indices
+    # shapes and data movement (ShapeVal-aware where shapes flow through them)
+    "Shape": _shape,  # x.shape[start:end] as a ShapeVal
+    "Size": _size,  # numel(x)
+    "Reshape": _reshape,  # x.reshape(shape), 0 copies a dim unless allowzero
+    "Flatten": _flatten,  # 2-D: dims before axis x dims from axis
+    "Transpose": _transpose,  # permute(perm), reversed by default
+    "Squeeze": _squeeze,  # drop size-1 dims (axes: input from opset 13)
+    "Unsqueeze": _unsqueeze,  # insert size-1 dims (axes: input from opset 13)
+    "Concat": _concat,  # cat along axis
+    "Split": _split,  # split by sizes, or into equal chunks
+    "Slice": _slice,  # numpy slicing per axis (starts/ends/axes/steps inputs from opset 10)
+    "Gather": _gather,  # numpy take along axis
+    "GatherElements": _gather_elements,  # torch.gather
+    "GatherND": _gather_nd,  # data[idx[..., 0], idx[..., 1], ...]
+    "Expand": _expand,  # bidirectional broadcast to shape
+    "Tile": _tile,  # repeat
+    "Pad": _pad,  # constant/reflect/edge/wrap padding (pads: input from opset 11)
+    "Trilu": _trilu,  # triu/tril with diagonal k
+    "OneHot": _one_hot,  # values[1] at the index, values[0] elsewhere
+    "Cast": _cast,  # x.to(dtype); shapes stay ShapeVals
+    "CastLike": _cast_like,  # x.to(other.dtype)
+    "Identity": _identity,  # x
+    "Dropout": _dropout,  # inference: x (mask all true)
+    "ConstantOfShape": _constant_of_shape,  # full(shape, value)
+    "Range": _range,  # arange(start, limit, delta)
+    "Constant": _constant,  # folded into the module's constants at import
+    # quantization
+    "DequantizeLinear": _dequantize,  # (x - zero_point) * scale, per tensor or per axis
+    "QuantizeLinear": _quantize,  # saturate(round(x / scale) + zero_point)
+    "MatMulInteger": _matmul_integer,  # (a - a_zp) @ (b - b_zp) in int32
+}
