@@ -3,6 +3,7 @@
 graphopt compile resnet --pipeline -O1
 graphopt compile path/to/file.py:factory --pipeline "cleanup,fold-bn" --save out.graphopt
 graphopt debug mlp --pipeline -O1 --print-changed --compare-nodes
+graphopt report resnet --pipeline -O1 -o report.html
 graphopt demo
 """
 
@@ -26,7 +27,7 @@ import graphopt
 from graphopt import zoo
 from graphopt.errors import GraphoptError
 from graphopt.pass_manager import PassRecord, Report
-from graphopt.tools import bench, debug
+from graphopt.tools import bench, debug, report
 
 console = Console(width=None if sys.stdout.isatty() else 110)
 
@@ -208,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     debug.add_arguments(p)
     p.set_defaults(func=lambda a: debug.run(a, load_model))
+
+    p = sub.add_parser("report", help="one self-contained HTML page: timeline, graphs, near misses")
+    report.add_arguments(p)
+    p.set_defaults(func=lambda a: report.run(a, load_model))
 
     p = sub.add_parser("demo", help="compile a zoo CNN and transformer and print their reports")
     common(p)

@@ -445,13 +445,16 @@ def environment() -> dict[str, str]:
     }
 
 
-def write_folder(args: argparse.Namespace, out: Printer) -> Path:
+def write_folder(
+    args: argparse.Namespace, out: Printer | None = None, root: str = "debug-out"
+) -> Path:
+    """``args.out``, or a new ``<root>/<model>-<time>``, holding ``environment.json``."""
     if args.out is not None:
         folder = Path(args.out)
     else:
         model = Path(args.model.rpartition(":")[0] or args.model).stem
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        folder = Path("debug-out") / f"{model}-{stamp}"
+        folder = Path(root) / f"{model}-{stamp}"
         n = 2
         while folder.exists():  # two runs in one second still get a folder each
             folder = folder.with_name(f"{model}-{stamp}-{n}")
