@@ -65,6 +65,7 @@ class Verdict:
 
     pipeline: str
     trials: int
+    model: str = "MODEL"  # how the command line named the model, for the rerun line
     pass_name: str | None = None
     pass_index: int | None = None
     pass_spec: str | None = None
@@ -136,7 +137,7 @@ class Verdict:
         lines.append(f"trials: {self.trials}")
         if self.rewrite is not None:
             lines.append(
-                f"rerun: graphopt debug MODEL --pipeline '{self.pipeline}' "
+                f"rerun: graphopt debug {self.model} --pipeline '{self.pipeline}' "
                 f"--max-rewrites {self.rewrite} --on-fail raise --compare-nodes"
             )
         if self.repro:
@@ -484,6 +485,7 @@ def run(args: argparse.Namespace, load_model: debug.LoadModel) -> int:
             bar.update(task, completed=done, total=max(total, done), description=what)
 
         verdict = bisect_captured(bisector, args.pipeline, repro=args.repro, progress=progress)
+    verdict.model = args.model
     out(f"{args.model}  pipeline {args.pipeline}")
     out(verdict.to_text())
     folder = debug.write_folder(args, out)

@@ -205,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: bench.run(a, console))
 
     p = sub.add_parser(
-        "debug", help="print IR, diffs, statistics, timing and per-node error, pass by pass"
+        "debug",
+        help="print IR, diffs, statistics, timing and per-node error, pass by pass "
+        "('graphopt debug bisect MODEL' finds the breaking pass, rewrite and node)",
     )
     debug.add_arguments(p)
     p.set_defaults(func=lambda a: debug.run(a, load_model))
@@ -221,9 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(
-        _fix_pipeline_argv(list(sys.argv[1:] if argv is None else argv))
-    )
+    argv = _fix_pipeline_argv(list(sys.argv[1:] if argv is None else argv))
+    if argv[:2] == ["debug", "bisect"]:  # a sub-action of debug, with options of its own
+        from graphopt.tools import bisect
+
+        args = bisect.build_parser().parse_args(argv[2:])
+        args.func = lambda a: bisect.run(a, load_model)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except GraphoptError as exc:

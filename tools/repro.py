@@ -185,12 +185,19 @@ class Minimizer:
         self.p = p
         self.signature = signature
         self.attempts = 0
+        self.seen: dict[frozenset[str], int | None] = {}
         self.calls = [n.name for n in step_gm.graph.nodes if n.op == "call_function"]
 
     def reproduces(self, keep: set[str]) -> int | None:
         """The smallest ``max_rewrites`` at which the pass fails on the subgraph ``keep``, if
         that first failure has the signature (else None). The first failing rewrite is the one
         judged: with more rewrites allowed, later rewrites could change which node is blamed."""
+        key = frozenset(keep)
+        if key not in self.seen:
+            self.seen[key] = self._reproduces(keep)
+        return self.seen[key]
+
+    def _reproduces(self, keep: set[str]) -> int | None:
         try:
             sub = extract(self.gm, keep, self.values)
         except Exception:  # a cut whose metadata cannot be rebuilt is not a candidate

@@ -72,8 +72,7 @@ class ReluToClamp(Pass):
 # -- a wrong kernel -------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("planted::add_relu", mutates_args=())
-def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """relu(a + b), computed in blocks of BLOCK along the last dim (the bug: no tail mask)."""
     total = a + b
     out = torch.relu(total)
@@ -83,9 +82,12 @@ def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@add_relu.register_fake
 def _add_relu_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.new_empty(torch.broadcast_shapes(a.shape, b.shape))
+
+
+_op = torch.library.custom_op("planted::add_relu", _add_relu, mutates_args=())
+_op.register_fake(_add_relu_fake)
 
 
 def _fuse_add_relu(node: Node, rw: Rewriter) -> bool:
