@@ -14,6 +14,7 @@ from graphopt.errors import (
     EquivalenceError,
     GraphoptError,
     InputMismatchError,
+    OnnxExportError,
     OnnxImportError,
     PassError,
     PipelineError,
@@ -21,6 +22,7 @@ from graphopt.errors import (
     UnsupportedOpError,
 )
 from graphopt.ir import format_graph, propagate_meta
+from graphopt.onnx_export import export_onnx
 from graphopt.onnx_import import OnnxModule, load_onnx
 from graphopt.pass_manager import EquivalenceWarning, PassContext, PassManager, Report
 from graphopt.passes_base import (
@@ -46,6 +48,7 @@ __all__ = [
     "FixedPoint",
     "GraphoptError",
     "InputMismatchError",
+    "OnnxExportError",
     "OnnxImportError",
     "OnnxModule",
     "OPT_LEVELS",
@@ -61,6 +64,7 @@ __all__ = [
     "StaticShapeWarning",
     "UnsupportedOpError",
     "apply_rules",
+    "export_onnx",
     "capture",
     "compile",
     "format_graph",

@@ -30,6 +30,10 @@ class SerializationError(GraphoptError):
     """A saved graphopt model could not be written or read back."""
 
 
+class OnnxExportError(GraphoptError):
+    """An optimized graph could not be written as ONNX (bad argument, path, or translation)."""
+
+
 class OnnxImportError(GraphoptError):
     """An ONNX model could not be read or imported (missing, corrupt, invalid, or failing)."""
 
