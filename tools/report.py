@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 import graphopt
 from graphopt.api import resolve_target
 from graphopt.capture import as_args, capture
+from graphopt.errors import GraphoptError
 from graphopt.interpreter import Runner, reference_run
 from graphopt.ir import count_op_nodes, format_type, original_name, short_target
 from graphopt.ops import program_of
@@ -65,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, load_model: LoadModel) -> int:
+    if args.output and Path(args.output).is_dir():
+        raise GraphoptError(
+            f"-o {args.output} is a folder; give the page a file name, e.g. "
+            f"-o {Path(args.output) / 'report.html'}"
+        )
     model, inputs = load_model(args.model, args.batch)
     compile_run = collect(model, inputs, args.pipeline, args.on_fail, args.max_rewrites)
     page = build_html(compile_run, args.model, args.pipeline, command(args), debug.environment())
@@ -276,6 +282,13 @@ def _is_fused(node: Node) -> bool:
     return node.op == "call_function" and short_target(node) == "graphopt.fused.default"
 
 
+def _drawn(node: Node) -> bool:
+    val = node.meta.get("val")
+    return node.op != "get_attr" and not (
+        node.op != "output" and isinstance(val, (int, torch.SymInt))
+    )
+
+
 def drawing(
     gm: GraphModule,
     errors: NodeErrors,
@@ -283,11 +296,12 @@ def drawing(
     new: set[str] | frozenset[str] = frozenset(),
     outlines: Sequence[tuple[str, list[str]]] = (),
 ) -> svg.Drawing:
-    """``gm`` as boxes and edges; weights (``get_attr``) are left out to keep it readable."""
+    """``gm`` as boxes and edges. Weights (``get_attr``) and shape values (``sym_size``) are
+    left out: they feed many nodes far apart, and their edges would cover the picture."""
     boxes: list[svg.Box] = []
     edges: list[tuple[str, str]] = []
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
+        if not _drawn(node):
             continue
         style = "removed" if node.name in removed else "new" if node.name in new else ""
         inner = _inner_boxes(node, errors) if _is_fused(node) else []
@@ -295,7 +309,7 @@ def drawing(
         tip = _tooltip(node, node.name, errors)
         fill = _fill(node.name, errors)
         boxes.append(svg.Box(node.name, label, node.name, tip, fill, style, inner))
-        edges += [(i.name, node.name) for i in node.all_input_nodes if i.op != "get_attr"]
+        edges += [(i.name, node.name) for i in node.all_input_nodes if _drawn(i)]
     return svg.Drawing(boxes, edges, list(outlines))
 
 
@@ -472,7 +486,8 @@ def _legend() -> str:
         '<span class="swatch"><i class="k-new"></i>new node</span>'
         '<span class="swatch"><i class="k-outline"></i>nodes one new node replaced</span>'
         '<span class="swatch"><i class="k-fused"></i>fused op, its inner ops inside</span>'
-        " Weights (get_attr) are not drawn; hover a node for its numbers.</div>"
+        " Weights (get_attr) and shape values (sym_size) are not drawn; hover a node for its "
+        "numbers.</div>"
     )
 
 
@@ -653,6 +668,15 @@ window.onerror = function (message, source, line) {
     return 0;
   }
   select.addEventListener("change", function () { show(Number(select.value)); });
+  // scroll the two panes together: the same region of both graphs stays in view
+  var panes = [document.getElementById("before-pane"), document.getElementById("after-pane")];
+  panes.forEach(function (pane, i) {
+    pane.addEventListener("scroll", function () {
+      var other = panes[1 - i];
+      if (other.scrollTop !== pane.scrollTop) { other.scrollTop = pane.scrollTop; }
+      if (other.scrollLeft !== pane.scrollLeft) { other.scrollLeft = pane.scrollLeft; }
+    });
+  });
   document.querySelectorAll("[data-record]").forEach(function (el) {
     el.addEventListener("click", function () { show(firstEntryOf(Number(el.dataset.record))); });
   });

@@ -351,6 +351,35 @@ def test_default_folder_holds_the_page(
     )
 
 
+def test_output_that_is_a_folder_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", "mlp", "-o", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    out = capsys.readouterr().out
+    assert "GraphoptError" in out and "is a folder" in out and "report.html" in out
+    assert not (tmp_path / "run").exists()
+
+
+class Flatten(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x.reshape(x.shape[0], -1) * self.scale)
+
+
+def test_weights_and_shape_values_are_not_drawn() -> None:
+    gm = graphopt.capture(Flatten(), (torch.randn(4, 3, 4),))
+    ops = {n.name: n.op for n in gm.graph.nodes}
+    picture = report.drawing(gm, {})
+    keys = {b.key for b in picture.boxes}
+    hidden = {n.name for n in gm.graph.nodes if n.op == "get_attr" or "sym_size" in n.name}
+    assert any("sym_size" in k for k in hidden) and any(ops[k] == "get_attr" for k in hidden)
+    assert keys == set(ops) - hidden
+    assert {k for edge in picture.edges for k in edge} <= keys
+
+
 def test_layout_gives_a_skip_edge_its_own_lane() -> None:
     # a -> b -> c -> d and a -> d: d is on row 3; a -> d crosses rows 1 and 2 beside b and c
     boxes = [svg.Box(k, k) for k in "abcd"]
