@@ -493,7 +493,7 @@ def _legend() -> str:
 
 def _near_misses(report: Report) -> str:
     summary, rows = [], []
-    for r in report.records:
+    for i, r in enumerate(report.records):
         for rule, log in r.rules.items():
             if not log.applied and not log.missed:
                 continue
@@ -502,15 +502,17 @@ def _near_misses(report: Report) -> str:
                 f"<td>{log.applied}</td><td>{log.missed}</td></tr>"
             )
             for node, why in log.misses:
-                rows.append((r.name, rule, node, why))
+                rows.append((i, r.name, rule, node, why))
     if not summary:
         return '<p id="no-rules">No fusion rule ran, or none matched anything.</p>'
     if not rows:
         return _rules_table(summary) + '<p id="no-misses">No near misses.</p>'
 
     shown = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in (p, rule, f"%{n}", why)) + "</tr>"
-        for p, rule, n, why in rows[:MAX_MISSES]
+        f'<tr class="miss" data-miss-record="{i}" data-node="{html.escape(n)}">'
+        + "".join(f"<td>{html.escape(c)}</td>" for c in (p, rule, f"%{n}", why))
+        + "</tr>"
+        for i, p, rule, n, why in rows[:MAX_MISSES]
     )
     more = f"<p>... {len(rows) - MAX_MISSES} more</p>" if len(rows) > MAX_MISSES else ""
     return (
@@ -593,7 +595,7 @@ body { font: 14px system-ui, sans-serif; margin: 1em 2em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0; }
 td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: left; font-size: 13px; }
 td.msg { max-width: 40em; font-size: 12px; color: #555; }
-tr[data-record] { cursor: pointer; }
+tr[data-record], tr.miss { cursor: pointer; }
 tr.selected { background: #eef4ff; }
 #timeline { display: flex; height: 28px; border: 1px solid #999; margin: .5em 0; }
 #timeline .bar { flex-basis: 0; min-width: 3px; background: #9ecae1; position: relative;
@@ -626,6 +628,7 @@ svg.graph .node rect { stroke: #555; stroke-width: 1; }
 svg.graph .node.new > rect { stroke: #000; stroke-width: 3; }
 svg.graph .node.removed > rect { stroke: #000; stroke-width: 2; stroke-dasharray: 4 3; }
 svg.graph .node.fused > rect { stroke: #5e3c99; stroke-width: 2; }
+svg.graph .node.hit > rect { stroke: #e7298a; stroke-width: 4; }
 svg.graph .inner rect { stroke: #777; stroke-width: .5; }
 svg.graph .edge { fill: none; stroke: #888; stroke-width: 1; }
 svg.graph .outline rect { fill: #2166ac10; stroke: #2166ac; stroke-width: 2;
@@ -680,11 +683,30 @@ window.onerror = function (message, source, line) {
   document.querySelectorAll("[data-record]").forEach(function (el) {
     el.addEventListener("click", function () { show(firstEntryOf(Number(el.dataset.record))); });
   });
-  // "#entry-3" in the address opens the fourth entry, so a link can point at one pass
-  var wanted = /^#entry-(\\d+)$/.exec(window.location.hash);
+  // a near miss: the graph its pass saw, the node marked and scrolled into view
+  var misses = document.querySelectorAll("tr.miss");
+  function showMiss(row) {
+    show(firstEntryOf(Number(row.dataset.missRecord)));
+    var selector = '#before-pane g[data-node="' + CSS.escape(row.dataset.node) + '"]';
+    var node = document.querySelector(selector);
+    if (node) {
+      node.classList.add("hit");
+      node.scrollIntoView({block: "center", inline: "center"});
+    }
+  }
+  misses.forEach(function (row) {
+    row.addEventListener("click", function () { showMiss(row); });
+  });
+  // "#entry-3" opens the fourth entry, "#miss-0" the first near miss: links to one place
+  var wanted = /^#(entry|miss)-(\\d+)$/.exec(window.location.hash);
   var start = entries.findIndex(function (e) { return e.before !== e.after; });
-  if (wanted && Number(wanted[1]) < entries.length) { start = Number(wanted[1]); }
   if (entries.length) { show(start < 0 ? 0 : start); }
+  if (wanted && wanted[1] === "entry" && Number(wanted[2]) < entries.length) {
+    show(Number(wanted[2]));
+  }
+  if (wanted && wanted[1] === "miss" && Number(wanted[2]) < misses.length) {
+    showMiss(misses[Number(wanted[2])]);
+  }
   document.body.dataset.rendered = "ok";
   console.log("graphopt-report: rendered " + entries.length + " entries");
 })();

@@ -468,6 +468,20 @@ def test_address_hash_opens_one_pass(pages: dict[str, Page], tmp_path: Path) -> 
     assert before.attrs["data-nodes"] == page.svg(page.entries[k]["before"]).attrs["data-nodes"]
 
 
+def test_near_miss_link_marks_the_node_in_the_graph_its_pass_saw(
+    pages: dict[str, Page], tmp_path: Path
+) -> None:
+    page = pages["tiny"]
+    shown = chromium(f"{page.path.as_uri()}#miss-0", tmp_path)
+    assert len(shown.console) == 1
+    (hit,) = [g for g in shown.dom.by_id("before-pane").find_all("g", "hit")]
+    assert hit.attrs["data-node"] == "relu"
+    epilogue = next(i for i, e in enumerate(page.entries) if e["label"].startswith("fuse-epi"))
+    (picture,) = shown.dom.by_id("before-pane").find_all("svg")
+    expected = page.svg(page.entries[epilogue]["before"])
+    assert picture.find_all("title")[0].text == expected.find_all("title")[0].text
+
+
 def test_chromium_check_sees_a_broken_script(pages: dict[str, Page], tmp_path: Path) -> None:
     # the checks above are only worth something if a script error shows: point the first
     # entry at a picture that does not exist, and the page must report it
