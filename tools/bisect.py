@@ -317,7 +317,10 @@ def bisect_captured(
         tell(1, 1, "no failure")
         return Verdict(pipeline, bisector.trials)
     step = first.step
-    lo, hi = step.used_before, first.used  # the pass fails with hi rewrites, not with lo
+    # the pass fails with hi rewrites, not with lo; a crash happens while attempting a rewrite
+    # that was never counted, so the budget that still crashes is one more than it counted
+    crashed = not isinstance(first.error, EquivalenceError)
+    lo, hi = step.used_before, first.used + (1 if crashed else 0)
     fails: dict[int, Trial] = {}
     passes: dict[int, Trial] = {}
     estimate = 1 + (math.ceil(math.log2(hi - lo)) if hi - lo > 1 else 0) + 1

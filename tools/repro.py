@@ -38,7 +38,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Graph, GraphModule, Node
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import EquivalenceError, GraphoptError
 from graphopt.interpreter import native_run
 from graphopt.ir import attr_path, propagate_meta
 from graphopt.pass_manager import PassManager
@@ -206,7 +206,9 @@ class Minimizer:
         error, used, rules = attempt(self.p, sub.gm, sub.inputs, None)
         if error is None:
             return None
-        lo, hi = 0, used  # max_rewrites=0 runs nothing; used rewrites fail
+        # max_rewrites=0 runs nothing; `used` rewrites fail (a crash: one more, the uncounted
+        # rewrite it was attempting)
+        lo, hi = 0, used + (0 if isinstance(error, EquivalenceError) else 1)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             self.attempts += 1

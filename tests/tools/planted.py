@@ -11,7 +11,9 @@ else, so ``graphopt debug bisect`` must name that pass, that rewrite and that no
   its calibrated activation scale, then rewrites the k-th layer with a scale ten times too small
   (its activations clip).
 
-Setting ``GRAPHOPT_PLANTED_FIXED=1`` removes all three bugs: that is how the tests show that a
+``crash-at{at=k}`` is a pass that raises at its k-th rewrite.
+
+Setting ``GRAPHOPT_PLANTED_FIXED=1`` removes all the bugs: that is how the tests show that a
 repro script passes once the bug is gone. The repro scripts import this module by name (it
 registers the passes and the ``planted::`` op), so it must stay importable from its folder.
 """
@@ -62,6 +64,31 @@ class ReluToClamp(Pass):
             new = rw.call(
                 aten.clamp_min.default, (node.args[0], bound), before=node, sources=[node]
             )
+            rw.replace(node, new)
+            return rw.applied("relu->clamp")
+
+        apply_rules(gm, [((aten.relu.default,), rewrite)], rw)
+        return PassResult(rw.rewrites > 0, {"rewritten": rw.rewrites})
+
+
+@graphopt.register_pass
+@dataclass(frozen=True)
+class CrashAt(Pass):
+    """relu(x) -> clamp_min(x, 0.0), but the pass raises on the ``at``-th relu."""
+
+    name = "crash-at"
+    contract = Contract.rounding()
+    at: int = 2
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        rw = ctx.rewriter(gm)
+        seen = [0]
+
+        def rewrite(node: Node, rw: Rewriter) -> bool:
+            seen[0] += 1
+            if seen[0] == self.at and not fixed():
+                raise RuntimeError(f"planted crash at %{node.name}")
+            new = rw.call(aten.clamp_min.default, (node.args[0], 0.0), before=node, sources=[node])
             rw.replace(node, new)
             return rw.applied("relu->clamp")
 

@@ -250,6 +250,18 @@ def test_minimizer_refuses_a_different_failure(cases: dict[str, Case]) -> None:
     assert Minimizer(c.received, values, p, right).reproduces({first, second}) == 1
 
 
+def test_a_crashing_pass_is_found_at_the_rewrite_it_attempted(tmp_path: Path) -> None:
+    model, inputs = zoo.mlp()
+    v = bisect(model, inputs, "cleanup,fold-bn,crash-at{at=2},cleanup", repro=tmp_path)
+    captured = capture(model, inputs)
+    _, before = PassManager("cleanup,fold-bn").run(captured, pytree.tree_leaves(inputs))
+    assert (v.pass_name, v.kind, v.node) == ("crash-at", "crash", None)
+    assert (v.rewrite_in_pass, v.rewrite) == (2, sum(r.rewrites for r in before.records) + 2)
+    assert "RuntimeError: planted crash at %relu_1" in v.message
+    with pytest.raises(AssertionError, match="planted crash"):  # its repro fails the same way
+        runpy.run_path(str(tmp_path / "repro.py"), run_name="__main__")
+
+
 # -- no failure; the command line -----------------------------------------------------------------
 
 
