@@ -344,6 +344,8 @@ def bisect_captured(
     if repro is not None and evidence.step is not None:
         from graphopt.tools import repro as repro_tool
 
+        tell(bisector.trials, bisector.trials, "minimizing the repro subgraph")
+
         written = repro_tool.write_repro(Path(repro), evidence, verdict, bisector.inputs)
         verdict.repro = str(written.script)
         verdict.repro_nodes = written.nodes

@@ -340,7 +340,9 @@ def _check_script(script: Path, signature: Signature) -> None:
 
 # -- the script -----------------------------------------------------------------------------------
 
-_RESERVED = {"torch", "operator", "sys", "graphopt", "g", "gm", "t", "root", "inputs", "mode"}
+# names build() uses after the node lines, and the script's globals
+_RESERVED = {"torch", "operator", "sys", "graphopt", "g", "gm", "t", "root", "inputs", "mode",
+             "Graph", "GraphModule", "FakeTensorMode", "HERE", "PASS", "Path"}  # fmt: skip
 
 
 def script_text(
@@ -380,7 +382,10 @@ def script_text(
     path_line = ""
     if module.split(".")[0] != "graphopt":
         root = _import_root(module)
-        path_line = f"sys.path.insert(0, {root!r})  # where {module} lives\n"
+        path_line = (
+            f"if {root!r} not in sys.path:  # where {module} lives\n"
+            f"    sys.path.insert(0, {root!r})\n"
+        )
     expected = {
         "pass": signature.pass_name,
         "error": signature.error,
