@@ -81,7 +81,7 @@ def _check(model: onnx.ModelProto, where: str) -> None:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise OnnxImportError(
-            f"{where} fails onnx.checker: {_first_line(exc)}. Fix the model (re-export it with "
+            f"{where} fails onnx.checker: {_first_line(exc).rstrip('.')}. Fix the model (re-export it with "
             "a current exporter) or repair it with onnx-graphsurgeon"
         ) from None
 
@@ -218,7 +218,13 @@ def _constant_value(node: Any, attrs: dict[str, Any]) -> torch.Tensor:
 
 
 def _is_shape_like(t: torch.Tensor) -> bool:
-    return t.dtype in (torch.int64, torch.int32) and t.dim() <= 1 and t.numel() <= SHAPE_VAL_MAX
+    """Small integer constants (shapes, axes, indices) and scalar constants of any type (pad
+    values, bounds, eps) are kept as Python values: ops that need numbers read them without
+    touching a traced tensor; ops that need tensors make constants of them."""
+    if t.dim() > 1 or t.dtype in (torch.bfloat16, torch.float16):
+        return False
+    small_int = t.dtype in (torch.int64, torch.int32) and t.numel() <= SHAPE_VAL_MAX
+    return small_int or t.numel() == 1
 
 
 @dataclass

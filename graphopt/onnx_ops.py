@@ -47,7 +47,8 @@ _INT_DTYPES = (torch.int64, torch.int32)
 
 @dataclass
 class ShapeVal:
-    """A 0-d or 1-d integer (or bool) tensor held as Python ints/SymInts/bools."""
+    """A 0-d or 1-d tensor held as Python values: small integer tensors (ints or SymInts) and
+    scalar constants of any type."""
 
     values: list[Any]
     scalar: bool = False
@@ -160,12 +161,23 @@ def binary(
 
     def run(n: OnnxNode) -> Any:
         a, b = n.inputs[0], n.inputs[1]
-        if list_fn is not None and _is_shape(a, b):
+        if list_fn is not None and _is_shape(a, b) and not a.dtype.is_floating_point:
             dtype = torch.bool if tensor_fn in _COMPARE else a.dtype
             return _broadcast(a, b, list_fn, dtype)
-        return tensor_fn(T(a), T(b))
+        return _wide_uint(tensor_fn, T(a), T(b))
 
     return run
+
+
+_WIDE_UINTS = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _wide_uint(fn: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
+    """torch's CPU kernels lack most ops on uint16/32/64: compute in int64, cast back."""
+    if xs[0].dtype not in _WIDE_UINTS:
+        return fn(*xs)
+    out = fn(*(x.to(torch.int64) for x in xs))
+    return out.to(xs[0].dtype) if out.dtype == torch.int64 else out
 
 
 _COMPARE = (torch.eq, torch.lt, torch.gt, torch.le, torch.ge)
@@ -180,7 +192,7 @@ def variadic(fn: Callable[[Any, Any], Any]) -> Callable[[OnnxNode], Any]:
         vals = [T(v) for v in n.inputs if v is not None]
         out = vals[0]
         for v in vals[1:]:
-            out = fn(out, v)
+            out = _wide_uint(fn, out, v)
         return out
 
     return run
@@ -198,7 +210,7 @@ def _pow(n: OnnxNode) -> Any:
 
 def _mod(n: OnnxNode) -> Any:
     a, b = T(n.inputs[0]), T(n.inputs[1])
-    return torch.fmod(a, b) if n.attr("fmod", 0) else torch.remainder(a, b)
+    return _wide_uint(torch.fmod if n.attr("fmod", 0) else torch.remainder, a, b)
 
 
 def _clip(n: OnnxNode) -> Any:
@@ -221,6 +233,8 @@ def _hard_sigmoid(n: OnnxNode) -> Any:
 
 def _prelu(n: OnnxNode) -> Any:
     x, slope = T(n.inputs[0]), T(n.inputs[1])
+    if slope.dim() == 1 and x.dim() > 2 and slope.shape[0] == x.shape[1] != x.shape[-1]:
+        slope = slope.reshape(-1, *([1] * (x.dim() - 2)))  # per-channel slope (old PyTorch exports)
     return torch.where(x < 0, x * slope, x)
 
 
@@ -234,7 +248,8 @@ def _cast(n: OnnxNode) -> Any:
 
 def _cast_to(x: Any, dtype: torch.dtype) -> Any:
     if isinstance(x, ShapeVal) and dtype in _INT_DTYPES:
-        return ShapeVal(list(x.values), x.scalar, dtype)
+        values = [int(v) if isinstance(v, (bool, float)) else v for v in x.values]  # truncates
+        return ShapeVal(values, x.scalar, dtype)
     return T(x).to(dtype)
 
 
@@ -402,7 +417,9 @@ def _conv_transpose(n: OnnxNode) -> Any:
             else [x.shape[2 + i] * strides[i] for i in range(k)]
         )
         totals = [full[i] - target[i] for i in range(k)]
-        upper = auto != "SAME_LOWER"
+        upper = (
+            auto == "SAME_UPPER"
+        )  # NOTSET with output_shape puts the odd pad first, as SAME_LOWER
         begins = [(t // 2 if upper else t - t // 2) for t in totals]
         pads = begins + [t - bg for t, bg in zip(totals, begins)]
     elif auto == "VALID":
@@ -431,11 +448,11 @@ def _pool(n: OnnxNode, kind: str) -> Any:
     dilations = list(n.attr("dilations", [1] * k))
     pads = _spatial_pads(n, x, kernel, strides, dilations)
     ceil = bool(n.attr("ceil_mode", 0))
-    if n.n_outputs > 1:
-        raise unsupported(n, "the Indices output of MaxPool")
     symmetric = pads[:k] == pads[k:] and all(2 * p <= kk for p, kk in zip(pads[:k], kernel))
     if kind == "max":
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[k - 1]
+        if n.n_outputs > 1:
+            return _max_pool_indices(n, x, pool, kernel, strides, pads, dilations, ceil, symmetric)
         if not symmetric:
             x, pads = F.pad(x, _torch_pad(pads), value=float("-inf")), [0] * (2 * k)
         return pool(x, kernel, strides, pads[:k], dilations, ceil_mode=ceil)
@@ -454,12 +471,35 @@ def _pool(n: OnnxNode, kind: str) -> Any:
     return total / (pool(ones, kernel, strides, 0, ceil_mode=ceil) * area)
 
 
+def _max_pool_indices(
+    n: OnnxNode,
+    x: Any,
+    pool: Any,
+    kernel: Any,
+    strides: Any,
+    pads: Any,
+    dil: Any,
+    ceil: bool,
+    ok: bool,
+) -> Any:
+    """MaxPool's Indices output: torch's per-plane flat indices, offset to whole-tensor ones."""
+    if not ok or n.attr("storage_order", 0):
+        raise unsupported(n, "MaxPool Indices with asymmetric pads or storage_order=1")
+    k = len(kernel)
+    y, idx = pool(x, kernel, strides, pads[:k], dil, ceil_mode=ceil, return_indices=True)
+    plane = math.prod(x.shape[2:])
+    offset = torch.arange(x.shape[0] * x.shape[1]).reshape(x.shape[0], x.shape[1], *([1] * k))
+    return y, idx + offset * plane
+
+
 def _lp_pool(n: OnnxNode) -> Any:
     x = T(n.inputs[0])
     kernel = list(n.attr("kernel_shape"))
     k = len(kernel)
     strides = list(n.attr("strides", [1] * k))
     p = n.attr("p", 2)
+    if any(d != 1 for d in n.attr("dilations", [1] * k)) or n.attr("ceil_mode", 0):
+        raise unsupported(n, "LpPool with dilations or ceil_mode")
     pads = _spatial_pads(n, x, kernel, strides, [1] * k)
     x = F.pad(x, _torch_pad(pads))
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[k - 1]
@@ -722,7 +762,9 @@ def _identity(n: OnnxNode) -> Any:
 
 
 def _dropout(n: OnnxNode) -> Any:
-    x = n.inputs[0]
+    x, training = n.inputs[0], n.input(2)
+    if training is not None and bool(scalar(training)):
+        raise unsupported(n, "Dropout in training mode (it draws random numbers)")
     if n.n_outputs > 1:  # inference: nothing is dropped, the mask is all true
         return x, torch.ones_like(T(x), dtype=torch.bool)
     return x
@@ -753,6 +795,28 @@ def _reduce(fn: Callable[..., torch.Tensor], axes_input_from: int) -> Callable[[
     return run
 
 
+def _extreme(
+    fn: Callable[..., torch.Tensor],
+) -> Callable[[torch.Tensor, list[int], bool], torch.Tensor]:
+    def run(x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
+        if x.numel() == 0 and all(isinstance(d, int) for d in x.shape):
+            # ONNX reduces an empty set to the identity element; torch refuses to reduce it
+            shape = [1 if i in axes else d for i, d in enumerate(x.shape)]
+            shape = shape if keep else [d for i, d in enumerate(x.shape) if i not in axes]
+            info = torch.finfo(x.dtype) if x.is_floating_point() else None
+            if x.dtype == torch.bool:
+                fill: Any = fn is torch.amin
+            elif info is not None:
+                fill = -math.inf if fn is torch.amax else math.inf
+            else:
+                ii = torch.iinfo(x.dtype)
+                fill = ii.min if fn is torch.amax else ii.max
+            return torch.full(shape, fill, dtype=x.dtype)
+        return _wide_uint(lambda t: fn(t, axes, keepdim=keep), x)
+
+    return run
+
+
 def _reduce_prod(x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
     for a in sorted(axes, reverse=True):
         x = x.prod(a, keepdim=keep)
@@ -779,7 +843,7 @@ def _cumsum(n: OnnxNode) -> Any:
     x = T(n.inputs[0])
     axis = _axis(int(scalar(n.inputs[1])), x.dim())
     y = x.flip(axis) if n.attr("reverse", 0) else x
-    out = torch.cumsum(y, axis)
+    out = torch.cumsum(y, axis, dtype=y.dtype)  # torch would widen int32 to int64
     out = out - y if n.attr("exclusive", 0) else out
     return out.flip(axis) if n.attr("reverse", 0) else out
 
@@ -788,15 +852,20 @@ def _topk(n: OnnxNode) -> Any:
     x = T(n.inputs[0])
     k = int(scalar(n.inputs[1])) if n.opset >= 10 else n.attr("k")
     axis = _axis(n.attr("axis", -1), x.dim())
-    values, indices = torch.topk(x, k, axis, bool(n.attr("largest", 1)), bool(n.attr("sorted", 1)))
-    return values, indices
+    # ONNX breaks ties by the lower index; a stable sort does too (torch.topk does not promise it)
+    largest = bool(n.attr("largest", 1))
+    wide = x.to(torch.int64) if x.dtype in _WIDE_UINTS else x  # no uint64 sort kernel on CPU
+    values, indices = torch.sort(wide, dim=axis, descending=largest, stable=True)
+    values = values.to(x.dtype)
+    return values.narrow(axis, 0, k), indices.narrow(axis, 0, k)
 
 
 def _one_hot(n: OnnxNode) -> Any:
     idx, depth, values = T(n.inputs[0]), int(scalar(n.inputs[1])), T(n.inputs[2])
     axis = n.attr("axis", -1)
     idx = torch.where(idx < 0, idx + depth, idx).long()
-    hot = F.one_hot(idx, depth).bool()
+    valid = (idx >= 0) & (idx < depth)  # out-of-range indices give a row of off values
+    hot = F.one_hot(torch.where(valid, idx, 0), depth).bool() & valid.unsqueeze(-1)
     out = torch.where(hot, values[1], values[0])
     return out.movedim(-1, _axis(axis, out.dim()))
 
@@ -809,8 +878,8 @@ def _constant(n: OnnxNode) -> Any:
 
 
 def _per_axis(scale: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
-    if scale.dim() == 0 or x.dim() == 0:
-        return scale
+    if scale.numel() == 1 or x.dim() == 0:  # per tensor
+        return scale.reshape(())
     shape = [1] * x.dim()
     shape[_axis(axis, x.dim())] = -1
     return scale.reshape(shape)
@@ -972,8 +1041,8 @@ OPS: dict[str, Callable[[OnnxNode], Any]] = {
     # reductions
     "ReduceSum": _reduce(lambda x, a, k: x.sum(a, keepdim=k), 13),  # sum over axes
     "ReduceMean": _reduce(lambda x, a, k: x.mean(a, keepdim=k), 18),  # mean over axes
-    "ReduceMax": _reduce(lambda x, a, k: x.amax(a, keepdim=k), 18),  # max over axes
-    "ReduceMin": _reduce(lambda x, a, k: x.amin(a, keepdim=k), 18),  # min over axes
+    "ReduceMax": _reduce(_extreme(torch.amax), 18),  # max over axes (empty: lowest value)
+    "ReduceMin": _reduce(_extreme(torch.amin), 18),  # min over axes (empty: highest value)
     "ReduceProd": _reduce(_reduce_prod, 18),  # product over axes
     "ReduceL1": _reduce(lambda x, a, k: x.abs().sum(a, keepdim=k), 18),  # sum |x|
     "ReduceL2": _reduce(lambda x, a, k: (x * x).sum(a, keepdim=k).sqrt(), 18),  # sqrt(sum x**2)

@@ -1,0 +1,299 @@
+"""Run the onnx package's own backend test cases through graphopt's importer.
+
+Two sources, both shipped in the installed onnx wheel: the node cases
+(``onnx.backend.test.case.node.collect_testcases``, models with inputs and expected outputs built
+in Python) and the converted PyTorch models under ``onnx/backend/test/data/pytorch-converted`` and
+``pytorch-operator`` (``model.onnx`` plus ``test_data_set_*/{input,output}_*.pb``).
+
+A case whose op types are all in ``graphopt.onnx_ops.OPS`` is imported (without graph cleanup, so
+graphopt's own op implementations are what is tested, not onnx-graphsurgeon's constant folding
+through ONNX Runtime), run eagerly and compared with the expected outputs at per-dtype
+tolerances. ``python -m tests.onnx.backend_cases`` (or the test with
+``GRAPHOPT_UPDATE_ONNX_CASES=1``) writes the per-op table to docs/onnx_import_cases.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from graphopt.onnx_import import load_onnx
+from graphopt.onnx_ops import DTYPES, OPS
+
+# Tolerance floors per output dtype; a case's own rtol/atol apply when they are looser.
+TOLERANCE = {
+    np.dtype("float16"): (1e-2, 1e-3),
+    np.dtype("float32"): (1e-3, 1e-6),
+    np.dtype("float64"): (1e-7, 1e-12),
+}
+BFLOAT16_TOLERANCE = (1.6e-2, 1e-2)  # compared in float32 after the bits are moved
+
+
+# Every supported-op case that fails, with the reason; the test fails on any other failure and on
+# a listed case that passes (so the list stays exact).
+_DILATED_AVG = "AveragePool with dilations (torch's avg_pool has no dilation)"
+_TRAINING = "training mode (graphopt imports for inference)"
+_BLOCKED = "blocked quantization (block_size, opset 21)"
+KNOWN_FAILURES: dict[str, str] = {
+    "test_averagepool_2d_dilations": _DILATED_AVG,
+    "test_averagepool_3d_dilations_small": _DILATED_AVG,
+    "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_True": _DILATED_AVG,
+    "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_False": _DILATED_AVG,
+    "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_True": _DILATED_AVG,
+    "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_False": _DILATED_AVG,
+    "test_lppool_2d_dilations": "LpPool with dilations (built on avg_pool, which has none)",
+    "test_batchnorm_example_training_mode": _TRAINING,
+    "test_batchnorm_epsilon_training_mode": _TRAINING,
+    "test_training_dropout_default": _TRAINING + "; its output is random",
+    "test_training_dropout_default_mask": _TRAINING + "; its output is random",
+    "test_training_dropout": _TRAINING + "; its output is random",
+    "test_training_dropout_mask": _TRAINING + "; its output is random",
+    "test_training_dropout_zero_ratio": _TRAINING,
+    "test_training_dropout_zero_ratio_mask": _TRAINING,
+    "test_dequantizelinear_blocked": _BLOCKED,
+    "test_quantizelinear_blocked_asymmetric": _BLOCKED,
+    "test_quantizelinear_blocked_symmetric": _BLOCKED,
+    "test_gathernd_example_int32_batch_dim1": "GatherND with batch_dims > 0",
+    "test_maxpool_with_argmax_2d_precomputed_strides": "MaxPool Indices with storage_order=1",
+    "test_einsum_scalar": "torch.einsum rejects the 0-operand-subscript equation '->'",
+}
+
+
+@dataclass
+class Case:
+    name: str
+    source: str  # "node", "pytorch-converted" or "pytorch-operator"
+    model: onnx.ModelProto
+    data_sets: list[tuple[list[Any], list[Any]]]
+    rtol: float = 1e-3
+    atol: float = 1e-7
+
+
+@dataclass
+class Outcome:
+    case: Case
+    ops: tuple[str, ...]
+    status: str  # "pass", "fail" or "unsupported"
+    reason: str = ""
+
+
+@dataclass
+class Run:
+    outcomes: list[Outcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def by_status(self, status: str) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+
+def op_types(model: onnx.ModelProto) -> tuple[str, ...]:
+    keys = set()
+    for node in model.graph.node:
+        keys.add(
+            node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        )
+    return tuple(sorted(keys))
+
+
+def node_cases() -> Iterator[Case]:
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cases = collect_testcases(None)
+    for c in cases:
+        sets = [(list(inputs), list(outputs)) for inputs, outputs in c.data_sets]
+        yield Case(c.name, "node", c.model, sets, c.rtol, c.atol)
+
+
+def converted_cases() -> Iterator[Case]:
+    import onnx.backend.test as backend_test
+
+    root = os.path.join(os.path.dirname(backend_test.__file__), "data")
+    for source in ("pytorch-converted", "pytorch-operator"):
+        for folder in sorted(glob.glob(os.path.join(root, source, "*"))):
+            model_path = os.path.join(folder, "model.onnx")
+            if not os.path.isfile(model_path):
+                continue
+            sets = []
+            for data in sorted(glob.glob(os.path.join(folder, "test_data_set_*"))):
+                sets.append((_tensors(data, "input"), _tensors(data, "output")))
+            yield Case(os.path.basename(folder), source, onnx.load(model_path), sets)
+
+
+def _tensors(folder: str, kind: str) -> list[np.ndarray]:
+    files = sorted(
+        glob.glob(os.path.join(folder, f"{kind}_*.pb")), key=lambda f: int(f.rsplit("_", 1)[1][:-3])
+    )
+    return [numpy_helper.to_array(onnx.load_tensor(f)) for f in files]
+
+
+def all_cases() -> list[Case]:
+    return list(node_cases()) + list(converted_cases())
+
+
+def run_case(case: Case) -> Outcome:
+    ops = op_types(case.model)
+    missing = [op for op in ops if op not in OPS]
+    if missing:
+        return Outcome(case, ops, "unsupported", ", ".join(missing))
+    kinds = unsupported_types(case.model)
+    if kinds:
+        return Outcome(case, ops, "unsupported", ", ".join(kinds))
+    try:
+        module = load_onnx(case.model, cleanup=False)
+        for inputs, expected in case.data_sets:
+            args = [_to_torch(x) for x in inputs]
+            with torch.no_grad():
+                got = module(*args)
+            got = got if isinstance(got, tuple) else (got,)
+            problem = compare(got, expected, case.rtol, case.atol)
+            if problem:
+                return Outcome(case, ops, "fail", problem)
+    except Exception as exc:  # each case's failure is recorded with its reason, not raised
+        return Outcome(case, ops, "fail", f"{type(exc).__name__}: {first_line(exc)}")
+    return Outcome(case, ops, "pass")
+
+
+def unsupported_types(model: onnx.ModelProto) -> list[str]:
+    """The graph's input/output value types that graphopt does not import, as 'dtype:NAME'
+    (string, float8, 4-bit, complex) or 'value:KIND' (sequences, optionals, maps)."""
+    out = []
+    for v in list(model.graph.input) + list(model.graph.output):
+        kind = v.type.WhichOneof("value")
+        if kind != "tensor_type":
+            out.append(f"value:{kind}")
+        elif v.type.tensor_type.elem_type not in DTYPES:
+            out.append(f"dtype:{onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)}")
+    return sorted(set(out))
+
+
+def _array(x: Any) -> np.ndarray:
+    if isinstance(x, onnx.TensorProto):
+        return numpy_helper.to_array(x)
+    return np.asarray(x)
+
+
+def _to_torch(x: Any) -> Any:
+    x = np.ascontiguousarray(_array(x))
+    if x.dtype.name == "bfloat16":  # numpy has no bfloat16 of its own: move the bits
+        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(x.copy())
+
+
+def compare(got: tuple[Any, ...], expected: list[Any], rtol: float, atol: float) -> str:
+    """'' when every output matches (shape, dtype, values within tolerance), else why not."""
+    if len(got) != len(expected):
+        return f"{len(got)} outputs, expected {len(expected)}"
+    for i, (g, e) in enumerate(zip(got, expected)):
+        e = _array(e)
+        tolerance = TOLERANCE.get(e.dtype, (rtol, atol))
+        if e.dtype.name == "bfloat16":
+            e, tolerance = e.astype(np.float32), BFLOAT16_TOLERANCE
+            g = g.float() if isinstance(g, torch.Tensor) and g.dtype == torch.bfloat16 else g
+        g = g.detach().numpy() if isinstance(g, torch.Tensor) else np.asarray(g)
+        if g.shape != e.shape:
+            return f"output {i}: shape {g.shape}, expected {e.shape}"
+        if g.dtype != e.dtype:
+            return f"output {i}: dtype {g.dtype}, expected {e.dtype}"
+        if e.dtype.kind in "fc":
+            floor_rtol, floor_atol = tolerance
+            r, a = max(rtol, floor_rtol), max(atol, floor_atol)
+            gf, ef = g.astype(np.float64), e.astype(np.float64)
+            close = np.isclose(gf, ef, rtol=r, atol=a, equal_nan=True)
+            if not close.all():
+                err = float(np.nanmax(np.abs(gf - ef)))
+                return f"output {i}: {int((~close).sum())}/{close.size} values off (max abs err {err:.3g})"
+        elif not np.array_equal(g, e):
+            return f"output {i}: {int((g != e).sum())}/{e.size} values differ"
+    return ""
+
+
+def first_line(exc: BaseException) -> str:
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()[:160]
+    return ""
+
+
+def run_all(cases: list[Case] | None = None) -> Run:
+    start = time.perf_counter()
+    run = Run([run_case(c) for c in (cases if cases is not None else all_cases())])
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def per_op_table(run: Run) -> list[tuple[str, int, int]]:
+    """(op type, passed, run) for every supported op type; a case counts under each op in it."""
+    passed: dict[str, int] = collections.Counter()
+    ran: dict[str, int] = collections.Counter()
+    for o in run.outcomes:
+        if o.status == "unsupported":
+            continue
+        for op in o.ops:
+            ran[op] += 1
+            passed[op] += o.status == "pass"
+    return [(op, passed[op], ran[op]) for op in sorted(ran)]
+
+
+def markdown(run: Run, known: dict[str, str]) -> str:
+    rows = per_op_table(run)
+    n_pass, n_fail = len(run.by_status("pass")), len(run.by_status("fail"))
+    n_unsup = len(run.by_status("unsupported"))
+    lines = [
+        "# ONNX import: backend test cases",
+        "",
+        "Generated by `python -m tests.onnx.backend_cases` (or `GRAPHOPT_UPDATE_ONNX_CASES=1 pytest "
+        "tests/onnx/test_backend_cases.py`): the onnx wheel's node test cases and its converted "
+        "PyTorch models, each imported by graphopt and run eagerly, compared with the expected "
+        "outputs. A case counts under every op type in its graph.",
+        "",
+        f"onnx {onnx.__version__}, torch {torch.__version__}: {len(run.outcomes)} cases; "
+        f"{n_pass} pass, {n_fail} fail (all listed as known failures below), "
+        f"{n_unsup} use an op type graphopt does not import.",
+        "",
+        "| op type | passed / run | rate |",
+        "|---|---:|---:|",
+    ]
+    for op, p, r in rows:
+        lines.append(f"| {op} | {p} / {r} | {100 * p / r:.0f}% |")
+    lines += ["", "## Known failures", "", "| case | reason |", "|---|---|"]
+    for name in sorted(known):
+        lines.append(f"| {name} | {known[name]} |")
+    unsup: dict[str, int] = collections.Counter()
+    for o in run.by_status("unsupported"):
+        for op in o.reason.split(", "):
+            unsup[op] += 1
+    lines += ["", "## Op types in the cases that graphopt does not import", ""]
+    lines.append(", ".join(f"{op} ({n})" for op, n in sorted(unsup.items())))
+    return "\n".join(lines) + "\n"
+
+
+def print_table(run: Run) -> None:
+    print(f"\nONNX backend cases through graphopt's importer ({run.seconds:.1f}s)")
+    print(f"{'op type':<24}{'passed':>8}{'run':>6}{'rate':>7}")
+    for op, p, r in per_op_table(run):
+        print(f"{op:<24}{p:>8}{r:>6}{100 * p / r:>6.0f}%")
+    print(
+        f"cases: {len(run.outcomes)}; pass {len(run.by_status('pass'))}, fail "
+        f"{len(run.by_status('fail'))}, unsupported op types {len(run.by_status('unsupported'))}"
+    )
+
+
+if __name__ == "__main__":
+    result = run_all()
+    print_table(result)
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "onnx_import_cases.md")
+    with open(path, "w") as f:
+        f.write(markdown(result, KNOWN_FAILURES))
