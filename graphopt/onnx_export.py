@@ -24,8 +24,10 @@ One known difference: ONNX's QuantizeLinear saturates to [-128, 127] while graph
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
+import re
 import warnings
 from collections.abc import Callable
 from contextlib import redirect_stdout
@@ -34,12 +36,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.export import Dim
 from torch.fx import GraphModule
 from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
-from graphopt.capture import _batch_dims, _export, _first_line, normalize
-from graphopt.compiled import CompiledModule, InputSignature, TensorSpec, _example_inputs
+from graphopt.capture import _export, _first_line, as_args, normalize
+from graphopt.compiled import CompiledModule
 from graphopt.errors import OnnxExportError
 from graphopt.ops import ACTIVATIONS, GRAPHOPT_OPS, IMPLS
 
@@ -280,11 +283,11 @@ def _custom_node(name: str, overload: Any) -> Callable[..., Any]:
 # -- inputs, checks, the export itself -----------------------------------------------------------
 
 
-def _resolve(obj: Any) -> tuple[GraphModule, InputSignature | None]:
+def _resolve(obj: Any) -> GraphModule:
     if isinstance(obj, CompiledModule):
-        return obj.gm, obj.signature
+        return obj.gm
     if isinstance(obj, GraphModule):
-        return obj, None
+        return obj
     raise OnnxExportError(
         f"graphopt.export_onnx takes what graphopt.compile returned (a CompiledModule) or a "
         f"torch.fx.GraphModule, got {type(obj).__name__}; compile the model first: "
@@ -292,10 +295,30 @@ def _resolve(obj: Any) -> tuple[GraphModule, InputSignature | None]:
     )
 
 
-def _signature_from_graph(gm: GraphModule) -> InputSignature:
-    """An input signature from the placeholders' ``meta["val"]`` (symbolic dims: the batch)."""
-    leaves: list[TensorSpec | None] = []
-    dynamic = False
+def _size(d: Any) -> int:
+    """A symbolic dim's example value (its hint: the size it was traced at), else 2."""
+    if isinstance(d, int):
+        return d
+    hint = getattr(getattr(d, "node", None), "hint", None)
+    return int(hint) if isinstance(hint, int) and hint >= 2 else 2
+
+
+def _symbolic_dims(gm: GraphModule) -> list[dict[int, Any] | None] | None:
+    """Per graph input, its symbolic dims (from ``meta["val"]``); None without metadata."""
+    dims: list[dict[int, Any] | None] = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if not isinstance(val, Tensor):
+            return None
+        symbolic = {j: Dim.DYNAMIC for j, d in enumerate(val.shape) if not isinstance(d, int)}
+        dims.append(symbolic or None)
+    return dims
+
+
+def _placeholder_inputs(gm: GraphModule) -> list[Tensor]:
+    """Example tensors shaped like the placeholders' ``meta["val"]``, symbolic dims at the
+    size they were traced at."""
+    tensors = []
     for node in gm.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
         if not isinstance(val, Tensor):
@@ -303,32 +326,44 @@ def _signature_from_graph(gm: GraphModule) -> InputSignature:
                 f"graphopt.export_onnx: graph input {node.name!r} has no tensor metadata "
                 "(meta['val']); pass example_inputs=(...) with one tensor per input"
             )
-        shape = tuple(d if isinstance(d, int) else None for d in val.shape)
-        dynamic = dynamic or None in shape
-        leaves.append(TensorSpec(str(val.dtype), shape, val.device.type))
-    return InputSignature(len(leaves), (), tuple(leaves), dynamic, dynamic)
+        shape = [_size(d) for d in val.shape]
+        if val.dtype.is_floating_point:
+            tensors.append(torch.randn(shape, dtype=val.dtype, device=val.device))
+        else:  # token ids and masks: zeros are valid for every embedding and mask
+            tensors.append(torch.zeros(shape, dtype=val.dtype, device=val.device))
+    return tensors
 
 
 def _inputs(
-    gm: GraphModule, sig: InputSignature | None, example_inputs: Any, dynamic_batch: bool
-) -> tuple[tuple[Any, ...], dict[str, Any], bool]:
-    """(args, kwargs, dynamic) to re-export ``gm`` with."""
-    if example_inputs is not None:
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        dynamic = sig.dynamic_batch if sig is not None else _signature_from_graph(gm).dynamic_batch
-        return args, {}, dynamic and dynamic_batch
-    sig = sig if sig is not None else _signature_from_graph(gm)
-    if sig.dynamic_batch and not dynamic_batch:
-        raise OnnxExportError(
-            "graphopt.export_onnx: dynamic_batch=False fixes the batch size, which the compiled "
-            "model leaves open; pass example_inputs=(...) with the batch size the file should "
-            "have"
-        )
+    gm: GraphModule, example_inputs: Any, dynamic_batch: bool
+) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """(args, kwargs, dynamic_shapes) to re-export ``gm`` with. The symbolic dims of the graph's
+    inputs stay symbolic, all of them (an imported ONNX model may have more than the batch);
+    a graph without metadata gets a symbolic dim 0. ``dynamic_batch=False``: none."""
+    dims = _symbolic_dims(gm)
+    if example_inputs is None:
+        leaves: list[Any] = _placeholder_inputs(gm)
+        if dims is not None and any(dims) and not dynamic_batch:
+            raise OnnxExportError(
+                "graphopt.export_onnx: dynamic_batch=False fixes the batch size, which the "
+                "compiled model leaves open; pass example_inputs=(...) with the batch size the "
+                "file should have"
+            )
+    else:
+        leaves = pytree.tree_leaves(as_args(example_inputs))
+    if dims is None:
+        dims = [{0: Dim.DYNAMIC} if isinstance(t, Tensor) and t.dim() else None for t in leaves]
     spec = getattr(gm, "_in_spec", None)
     if spec is None:  # a graph built by hand: its inputs are its placeholders, in order
-        spec = pytree.tree_flatten(((None,) * len(sig.leaves), {}))[1]
-    args, kwargs = _example_inputs(sig, spec)
-    return args, kwargs, sig.dynamic_batch and dynamic_batch
+        spec = pytree.tree_flatten((tuple(leaves), {}))[1]
+    args, kwargs = pytree.tree_unflatten(leaves, spec)
+    if not dynamic_batch or not any(dims):
+        return args, kwargs, None
+    dims_args, dims_kwargs = pytree.tree_unflatten(dims, spec)
+    if not kwargs:
+        return args, kwargs, tuple(dims_args)
+    bound = inspect.signature(gm.forward).bind(*dims_args, **dims_kwargs)
+    return args, kwargs, dict(bound.arguments)
 
 
 def _check_path(path: str | os.PathLike[str]) -> Path:
@@ -390,8 +425,25 @@ def _lowered(gm: GraphModule, ops: dict[Any, str], custom_ops: bool) -> GraphMod
                 new.target = form
         env[node] = new
     out = GraphModule(gm, graph)
+    _rename_colliding_weights(out)
     normalize(out)
     return out
+
+
+_GENERATED_NAME = re.compile(r"val_\d+")
+
+
+def _rename_colliding_weights(gm: GraphModule) -> None:
+    """Weights named like the values torch.onnx generates (``val_54``: a graph imported from a
+    torch.onnx file has them) collide with those in torch.onnx's optimizer; rename them."""
+    for node in gm.graph.find_nodes(op="get_attr"):
+        if not _GENERATED_NAME.fullmatch(node.target):
+            continue
+        new = f"weight_{node.target}"
+        while hasattr(gm, new):
+            new += "_"
+        setattr(gm, new, getattr(gm, node.target))
+        node.target = new
 
 
 def export_onnx(
@@ -415,7 +467,7 @@ def export_onnx(
     (18 or newer; 17 works for most graphs, and an opset torch.onnx cannot write is an error).
     Raises ``OnnxExportError`` on a bad argument, path or translation failure.
     """
-    gm, sig = _resolve(compiled_or_graph)
+    gm = _resolve(compiled_or_graph)
     out = _check_path(path)
     if opset is not None and (not isinstance(opset, int) or opset < MIN_OPSET):
         raise OnnxExportError(
@@ -426,7 +478,7 @@ def export_onnx(
     _needs("onnxscript")
     overloads = _all_ops()
     ops = _graph_ops(gm, overloads)
-    args, kwargs, dynamic = _inputs(gm, sig, example_inputs, dynamic_batch)
+    args, kwargs, dynamic = _inputs(gm, example_inputs, dynamic_batch)
     lowered = _lowered(gm, ops, custom_ops)
     ep = _reexport(lowered, args, kwargs, dynamic)
     table = _onnx_table(_qdq(overloads))
@@ -441,8 +493,7 @@ def _qdq(overloads: dict[str, Any]) -> dict[str, Any]:
     return {name: overloads[name] for name in QDQ_OPS}
 
 
-def _reexport(gm: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: bool) -> Any:
-    dims = _batch_dims(gm, args, kwargs) if dynamic else None
+def _reexport(gm: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], dims: Any) -> Any:
     try:
         with torch.no_grad():
             return _export(gm, args, kwargs, dims)
