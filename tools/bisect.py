@@ -321,6 +321,7 @@ def bisect_captured(
     # that was never counted, so the budget that still crashes is one more than it counted
     crashed = not isinstance(first.error, EquivalenceError)
     lo, hi = step.used_before, first.used + (1 if crashed else 0)
+    attempted = hi - lo
     fails: dict[int, Trial] = {}
     passes: dict[int, Trial] = {}
     estimate = 1 + (math.ceil(math.log2(hi - lo)) if hi - lo > 1 else 0) + 1
@@ -340,7 +341,8 @@ def bisect_captured(
         if not evidence.same_failure(first):  # the budget changed the failure: keep the first
             culprit, evidence = None, first
     tell(bisector.trials, bisector.trials, "done")
-    verdict = _verdict(bisector, pipeline, first, evidence, culprit, passes)
+    verdict = _verdict(bisector, pipeline, evidence, culprit, passes)
+    verdict.rewrites_in_pass = attempted
     if repro is not None and evidence.step is not None:
         from graphopt.tools import repro as repro_tool
 
@@ -356,7 +358,6 @@ def bisect_captured(
 def _verdict(
     bisector: Bisector,
     pipeline: str,
-    first: Trial,
     evidence: Trial,
     culprit: int | None,
     passes: dict[int, Trial],
@@ -372,7 +373,6 @@ def _verdict(
         pass_spec=step.p.spec(),
         pass_round=step.round,
         contract=str(step.p.contract_for()),
-        rewrites_in_pass=(first.used - first.step.used_before) if first.step else None,
         message=str(error),
     )
     if culprit is not None:

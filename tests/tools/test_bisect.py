@@ -257,6 +257,7 @@ def test_a_crashing_pass_is_found_at_the_rewrite_it_attempted(tmp_path: Path) ->
     _, before = PassManager("cleanup,fold-bn").run(captured, pytree.tree_leaves(inputs))
     assert (v.pass_name, v.kind, v.node) == ("crash-at", "crash", None)
     assert (v.rewrite_in_pass, v.rewrite) == (2, sum(r.rewrites for r in before.records) + 2)
+    assert v.rewrites_in_pass == 2  # the one it made and the one it crashed in
     assert "RuntimeError: planted crash at %relu_1" in v.message
     with pytest.raises(AssertionError, match="planted crash"):  # its repro fails the same way
         runpy.run_path(str(tmp_path / "repro.py"), run_name="__main__")
