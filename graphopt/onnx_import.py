@@ -302,14 +302,17 @@ class OnnxModule(torch.nn.Module):
         results = tuple(T(env[name]) for name in self.output_names)
         return results[0] if len(results) == 1 else results
 
-    def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """Seeded inputs from the ONNX input types: symbolic dims get small sizes (dim 0: 2,
-        other dims: 8), floats are standard normal, integers are in [0, 16), bools random."""
+    def example_inputs(self, seed: int = 0, batch: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Seeded inputs from the ONNX input types: symbolic dims get small sizes (dim 0:
+        ``batch`` or 2, other dims: 8), floats are standard normal, integers are in [0, 16)
+        (valid token ids for any vocabulary of 16 or more), bools random."""
         g = torch.Generator().manual_seed(seed)
+        first = 2 if batch is None else batch
         out = []
         for spec in self.inputs:
             shape = [
-                d if isinstance(d, int) else (2 if i == 0 else 8) for i, d in enumerate(spec.dims)
+                d if isinstance(d, int) else (first if i == 0 else 8)
+                for i, d in enumerate(spec.dims)
             ]
             if spec.dtype.is_floating_point:
                 out.append(torch.randn(shape, generator=g).to(spec.dtype))

@@ -164,6 +164,8 @@ def binary(
         if list_fn is not None and _is_shape(a, b) and not a.dtype.is_floating_point:
             dtype = torch.bool if tensor_fn in _COMPARE else a.dtype
             return _broadcast(a, b, list_fn, dtype)
+        if list_fn is not None and isinstance(a, torch.Tensor):
+            b = _python_scalar(b, a)
         return _wide_uint(tensor_fn, T(a), T(b))
 
     return run
@@ -172,12 +174,23 @@ def binary(
 _WIDE_UINTS = (torch.uint16, torch.uint32, torch.uint64)
 
 
-def _wide_uint(fn: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
+def _wide_uint(fn: Callable[..., torch.Tensor], *xs: Any) -> torch.Tensor:
     """torch's CPU kernels lack most ops on uint16/32/64: compute in int64, cast back."""
     if xs[0].dtype not in _WIDE_UINTS:
         return fn(*xs)
-    out = fn(*(x.to(torch.int64) for x in xs))
+    out = fn(*(x.to(torch.int64) if isinstance(x, torch.Tensor) else x for x in xs))
     return out.to(xs[0].dtype) if out.dtype == torch.int64 else out
+
+
+def _python_scalar(v: Any, other: torch.Tensor) -> Any:
+    """A scalar constant operand as a Python number: ``x + 1`` is then ``aten.add(x, 1)``, as a
+    torch model captures, which the pattern passes read. Type promotion is the same as with a 0-d
+    tensor of the same type; a shape-[1] constant stays a tensor where it would add a dim."""
+    if isinstance(v, ShapeVal) and len(v.values) == 1 and (v.scalar or other.dim() >= 1):
+        if v.dtype in (torch.uint8, torch.int8, torch.int16) or v.dtype in _WIDE_UINTS:
+            return v  # a Python int would not wrap like the small integer type does
+        return v.values[0]
+    return v
 
 
 _COMPARE = (torch.eq, torch.lt, torch.gt, torch.le, torch.ge)
@@ -204,7 +217,8 @@ def _mean(n: OnnxNode) -> Any:
 
 
 def _pow(n: OnnxNode) -> Any:
-    a, b = T(n.inputs[0]), T(n.inputs[1])
+    a = T(n.inputs[0])
+    b = T(_python_scalar(n.inputs[1], a))
     return torch.pow(a, b).to(a.dtype)  # ONNX lets the exponent's type differ; the base's wins
 
 

@@ -33,8 +33,12 @@ console = Console(width=None if sys.stdout.isatty() else 110)
 
 
 def load_model(spec: str, batch: int | None) -> tuple[torch.nn.Module, tuple[Any, ...]]:
-    """A zoo name, or ``path/to/file.py:factory`` where ``factory()`` returns (model, inputs)."""
+    """A zoo name, ``path/to/file.py:factory`` where ``factory()`` returns (model, inputs), or
+    ``path/to/model.onnx`` (the imported module, with inputs synthesized from its input types)."""
     kwargs = {} if batch is None else {"batch": batch}
+    if spec.endswith(".onnx"):
+        module = graphopt.load_onnx(spec)
+        return module, module.example_inputs(batch=batch)
     if ":" not in spec:
         return zoo.get(spec, **kwargs)
     path, _, name = spec.rpartition(":")

@@ -121,3 +121,12 @@ def test_compiled_onnx_model_checks_inputs(exported) -> None:
     compiled = graphopt.compile(path, pipeline="-O1")
     with pytest.raises(graphopt.InputMismatchError):
         compiled(torch.randn(2, 3, 16, 16))  # 32x32 images are static dims in the file
+
+
+def test_imported_bert_reads_like_a_torch_capture_to_the_pattern_passes(exported) -> None:
+    # Scalar constants come in as Python numbers (x / 1.4142 + 1 ...), as in a torch capture, so
+    # the gelu and attention patterns match the TorchScript exporter's decomposed forms.
+    path, _ = exported[("bert", False)]
+    compiled = graphopt.compile(path, pipeline="-O2")
+    applied = {r.name: r.rewrites for r in compiled.report.records if r.status == "ok"}
+    assert applied.get("patterns:fuse-gelu") == 2 and applied.get("patterns:fuse-attention") == 2
