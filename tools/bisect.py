@@ -125,9 +125,10 @@ class Verdict:
             lines.append(f"first diverging node: %{self.node} ({self.op}){stands}")
             lines.append(f"    {self.kind}: {_kind_text(self.kind)}")
             if self.metric is not None:
+                word = "budget" if (self.contract or "").startswith("lossy") else "threshold"
                 lines.append(
                     f"    {self.metric} {_num(self.value)} against float64, "
-                    f"{'threshold' if self.metric != 'cosine' else 'budget'} {_num(self.threshold)}"
+                    f"{word} {_num(self.threshold)}"
                 )
         elif self.kind == "crash":
             lines.append("the pass raised (no node to blame)")
