@@ -134,6 +134,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.save:
         graphopt.save(compiled, args.save)
         console.print(f"saved to {args.save} (load with graphopt.load)")
+    if args.onnx:
+        graphopt.export_onnx(compiled, args.onnx)
+        console.print(
+            f"exported to {args.onnx} (ONNX; int8 layers as QuantizeLinear/DequantizeLinear)"
+        )
     return 0
 
 
@@ -198,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--save", default=None, help="write the compiled model here (graphopt.load reads it)"
     )
+    p.add_argument("--onnx", default=None, help="also export the compiled model as ONNX here")
     p.add_argument("--show-graph", action="store_true", help="print the optimized graph")
     common(p)
     p.set_defaults(func=cmd_compile)

@@ -301,3 +301,14 @@ def test_unwritable_path_is_a_clear_error(tmp: Path) -> None:
     # torch.onnx cannot convert Relu down to opset 13: said, not a silent opset-18 file
     with pytest.raises(graphopt.OnnxExportError, match="could not write opset 13.*wrote opset"):
         graphopt.export_onnx(compiled, tmp / "m.onnx", opset=13)
+
+
+def test_cli_compile_writes_onnx(tmp: Path) -> None:
+    from graphopt.tools.cli import main
+
+    path = tmp / "cli.onnx"
+    assert main(["compile", "mlp", "--batch", "3", "--onnx", str(path)]) == 0
+    exported = onnx.load(str(path))
+    onnx.checker.check_model(exported, full_check=True)
+    model, inputs = zoo.get("mlp", batch=OTHER_BATCH)
+    assert _worst(_ort(exported, inputs), _float64(model, inputs)) <= FP32_FLOOR
