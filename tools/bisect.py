@@ -389,8 +389,9 @@ def _verdict(
         verdict.node, verdict.op, verdict.origin = error.node, error.op, error.origin
         verdict.kind = error.kind
         verdict.output_metrics = dict(error.metrics)
-        if error.node is not None and step.after is not None and evidence.verifier is not None:
-            numbers = node_numbers(evidence.verifier, step, error.node, error.kind or "")
+        numeric = error.kind in ("local", "inherited")  # aliasing: values equal, no numbers
+        if numeric and error.node and step.after is not None and evidence.verifier is not None:
+            numbers = node_numbers(evidence.verifier, step, error.node, str(error.kind))
             verdict.replaced, verdict.metric, verdict.value, verdict.threshold = numbers
     else:
         verdict.kind = "crash"
