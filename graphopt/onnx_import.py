@@ -22,7 +22,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from graphopt.errors import OnnxImportError, UnsupportedOpError
-from graphopt.onnx_ops import DTYPES, OPS, SHAPE_VAL_MAX, OnnxNode, ShapeVal, T
+from graphopt.onnx_ops import DTYPES, OPS, SHAPE_VAL_MAX, STATIC_INPUTS, OnnxNode, ShapeVal, T
 
 if TYPE_CHECKING:
     import onnx
@@ -248,8 +248,14 @@ class OnnxModule(torch.nn.Module):
         graph = model.graph
         self._attr_of: dict[str, str] = {}
         self._static: dict[str, ShapeVal] = {}
+        static = {
+            node.input[i]
+            for node in graph.node
+            for i in STATIC_INPUTS.get(node.op_type, ())
+            if i < len(node.input)
+        }
         for init in graph.initializer:
-            self._add_constant(init.name, _to_torch(init))
+            self._add_constant(init.name, _to_torch(init), init.name in static)
         init_names = {i.name for i in graph.initializer}
         self.inputs = tuple(_input_info(i) for i in graph.input if i.name not in init_names)
         self.output_names = tuple(o.name for o in graph.output)
@@ -257,7 +263,8 @@ class OnnxModule(torch.nn.Module):
         for i, node in enumerate(graph.node):
             attrs = _attrs(node)
             if node.op_type == "Constant":
-                self._add_constant(node.output[0], _constant_value(node, attrs))
+                value = _constant_value(node, attrs)
+                self._add_constant(node.output[0], value, node.output[0] in static)
                 continue
             key = (
                 node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
@@ -266,8 +273,8 @@ class OnnxModule(torch.nn.Module):
                                  self.opset, len(node.output))  # fmt: skip
             self._ops.append(_Op(onnx_node, list(node.output)))
 
-    def _add_constant(self, name: str, value: torch.Tensor) -> None:
-        if _is_shape_like(value):  # shapes and axes stay Python ints (see onnx_ops.ShapeVal)
+    def _add_constant(self, name: str, value: torch.Tensor, static: bool = False) -> None:
+        if _is_shape_like(value) or (static and value.dim() <= 1):  # see onnx_ops.ShapeVal
             self._static[name] = ShapeVal(value.reshape(-1).tolist(), value.dim() == 0, value.dtype)
             return
         attr = re.sub(r"\W", "_", name) or "const"
@@ -358,6 +365,10 @@ def load_onnx(source: Any, *, cleanup: bool = True) -> OnnxModule:
     _check(model, where)
     original_opset = opset_of(model)
     model = _upgrade(model, where)
+    if len(model.functions):  # model-local functions: their bodies are ordinary ops
+        from onnx import inliner
+
+        model = inliner.inline_local_functions(model)
     how = "none"
     if cleanup:
         model, how = _clean(model)

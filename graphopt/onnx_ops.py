@@ -45,6 +45,13 @@ SHAPE_VAL_MAX = 64
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
+# Float inputs that an op reads as Python numbers; when they are initializers, the importer keeps
+# them as ShapeVals (like small integer constants) so torch.export never sees them as data.
+STATIC_INPUTS: dict[str, tuple[int, ...]] = {
+    "Resize": (1, 2),  # roi, scales
+}
+
+
 @dataclass
 class ShapeVal:
     """A 0-d or 1-d tensor held as Python values: small integer tensors (ints or SymInts) and
@@ -967,6 +974,181 @@ def _min(n: OnnxNode) -> Any:
     return variadic(torch.minimum)(n)
 
 
+def _rms_norm(n: OnnxNode) -> Any:
+    x, scale = T(n.inputs[0]), T(n.inputs[1])
+    axis = _axis(n.attr("axis", -1), x.dim())
+    eps = n.attr("epsilon", 1e-5)
+    if tuple(scale.shape) == tuple(x.shape[axis:]):
+        return F.rms_norm(x, tuple(x.shape[axis:]), scale, eps)
+    dims = list(range(axis, x.dim()))
+    xf = x.float() if x.dtype != torch.float64 else x
+    y = (xf * torch.rsqrt((xf * xf).mean(dims, keepdim=True) + eps)).to(x.dtype)
+    return y * scale
+
+
+def _group_norm(n: OnnxNode) -> Any:
+    x, scale, bias = (T(v) for v in n.inputs[:3])
+    groups, eps = n.attr("num_groups"), n.attr("epsilon", 1e-5)
+    if scale.numel() != x.shape[1]:
+        raise unsupported(n, "GroupNormalization with per-group scale (opset 18 form)")
+    return F.group_norm(x, groups, scale, bias, eps)
+
+
+def _mvn(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    axes = [_axis(a, x.dim()) for a in n.attr("axes", [0, 2, 3])]
+    mean = x.mean(axes, keepdim=True)
+    var = ((x - mean) ** 2).mean(axes, keepdim=True)
+    return (x - mean) / (var.sqrt() + 1e-9)
+
+
+def _lp_norm(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    p, axis = n.attr("p", 2), _axis(n.attr("axis", -1), x.dim())
+    norm = torch.linalg.vector_norm(x, p, dim=axis, keepdim=True)
+    return x / torch.where(norm == 0, 1, norm)  # a zero vector stays zero (ONNX reference)
+
+
+def _shrink(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    lambd, bias = n.attr("lambd", 0.5), n.attr("bias", 0.0)
+    out = torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, 0))
+    return out.to(x.dtype)
+
+
+def _depth_to_space(n: OnnxNode) -> Any:
+    x, b = T(n.inputs[0]), n.attr("blocksize")
+    if n.attr("mode", "DCR") == "CRD":
+        return F.pixel_shuffle(x, b)
+    N, C, H, W = x.shape
+    y = x.reshape(N, b, b, C // (b * b), H, W).permute(0, 3, 4, 1, 5, 2)
+    return y.reshape(N, C // (b * b), H * b, W * b)
+
+
+def _space_to_depth(n: OnnxNode) -> Any:
+    x, b = T(n.inputs[0]), n.attr("blocksize")
+    if n.attr("mode", "DCR") == "CRD":
+        return F.pixel_unshuffle(x, b)
+    N, C, H, W = x.shape
+    y = x.reshape(N, C, H // b, b, W // b, b).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(N, C * b * b, H // b, W // b)
+
+
+def _eye_like(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    dtype = DTYPES.get(n.attr("dtype"), x.dtype) if n.attr("dtype") is not None else x.dtype
+    rows, cols, k = x.shape[0], x.shape[1], n.attr("k", 0)
+    idx = torch.arange(cols).unsqueeze(0) - torch.arange(rows).unsqueeze(1)
+    return (idx == k).to(dtype)
+
+
+def _scatter_elements(n: OnnxNode) -> Any:
+    data, idx, upd = (T(v) for v in n.inputs[:3])
+    axis = _axis(n.attr("axis", 0), data.dim())
+    idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+    reduce = n.attr("reduction", "none")
+    if reduce == "none":
+        return data.scatter(axis, idx, upd)
+    names = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+    return data.scatter_reduce(axis, idx, upd, names[reduce], include_self=True)
+
+
+def _scatter_nd(n: OnnxNode) -> Any:
+    data, idx, upd = (T(v) for v in n.inputs[:3])
+    reduce = n.attr("reduction", "none")
+    m = idx.shape[-1]
+    key = tuple(idx[..., i] for i in range(m))
+    out = data.clone()
+    if reduce == "none":
+        out[key] = upd
+        return out
+    ops = {"add": torch.Tensor.index_put_, "mul": None, "max": None, "min": None}
+    if reduce == "add":
+        return ops["add"](out, key, upd, accumulate=True)
+    raise unsupported(n, f"ScatterND reduction {reduce!r}")
+
+
+def _bit_shift(n: OnnxNode) -> Any:
+    a, b = T(n.inputs[0]), T(n.inputs[1])
+    left = n.attr("direction") == "LEFT"
+    return _wide_uint(torch.bitwise_left_shift if left else torch.bitwise_right_shift, a, b)
+
+
+def _cumprod(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    axis = _axis(int(scalar(n.inputs[1])), x.dim())
+    y = x.flip(axis) if n.attr("reverse", 0) else x
+    out = torch.cumprod(y, axis, dtype=y.dtype)
+    if n.attr("exclusive", 0):  # shift by one, starting at the identity 1
+        ones = torch.ones_like(y.narrow(axis, 0, 1))
+        out = torch.cat([ones, out.narrow(axis, 0, y.shape[axis] - 1)], axis)
+    return out.flip(axis) if n.attr("reverse", 0) else out
+
+
+def _swish(n: OnnxNode) -> Any:
+    x, alpha = T(n.inputs[0]), n.attr("alpha", 1.0)
+    return F.silu(x) if alpha == 1.0 else x * torch.sigmoid(alpha * x)
+
+
+def _non_zero(n: OnnxNode) -> Any:
+    return torch.nonzero(T(n.inputs[0])).t()  # data-dependent size: eager only, not exportable
+
+
+def _resize(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    roi, scales, sizes = n.input(1), n.input(2), n.input(3)
+    mode = n.attr("mode", "nearest")
+    ctm = n.attr("coordinate_transformation_mode", "half_pixel")
+    if (
+        n.attr("axes") is not None
+        or n.attr("antialias", 0)
+        or n.attr("keep_aspect_ratio_policy", "stretch") != "stretch"
+    ):
+        raise unsupported(n, "Resize with axes, antialias or keep_aspect_ratio_policy")
+    spatial = x.dim() - 2
+    size = None
+    if sizes is not None and L(sizes):
+        full = L(sizes)
+        size = full[2:]
+        if full[:2] != list(x.shape[:2]):
+            raise unsupported(n, "Resize of the batch or channel dims")
+    else:
+        sc = [float(v) for v in L(scales)]
+        if sc[:2] != [1.0, 1.0]:
+            raise unsupported(n, "Resize of the batch or channel dims")
+        factor = sc[2:]
+    del roi
+    if mode == "nearest":
+        nearest = n.attr("nearest_mode", "round_prefer_floor")
+        if ctm == "asymmetric" and nearest == "floor":
+            return F.interpolate(
+                x, size=size, scale_factor=None if size else factor, mode="nearest"
+            )
+        if ctm in ("half_pixel", "pytorch_half_pixel") and nearest == "round_prefer_ceil":
+            return F.interpolate(
+                x, size=size, scale_factor=None if size else factor, mode="nearest-exact"
+            )
+        raise unsupported(n, f"Resize nearest with {ctm}/{nearest}")
+    out = size if size is not None else [math.floor(d * f) for d, f in zip(x.shape[2:], factor)]
+    if ctm in ("align_corners", "pytorch_half_pixel") and any(o == 1 for o in out):
+        raise unsupported(n, f"Resize {ctm} to a size-1 dim (ONNX samples 0, torch does not)")
+    if mode == "cubic" and ctm == "align_corners" and any(o < i for o, i in zip(out, x.shape[2:])):
+        raise unsupported(n, "Resize cubic align_corners downsampling (torch samples differently)")
+    if mode in ("linear", "cubic") and ctm in ("half_pixel", "align_corners", "pytorch_half_pixel"):
+        if mode == "cubic" and n.attr("cubic_coeff_a", -0.75) != -0.75:
+            raise unsupported(n, "Resize cubic with cubic_coeff_a other than -0.75")
+        if mode == "cubic" and spatial != 2:
+            raise unsupported(n, "Resize cubic outside 2-D")
+        kind = (
+            {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial] if mode == "linear" else "bicubic"
+        )
+        return F.interpolate(
+            x, size=size, scale_factor=None if size else factor, mode=kind,
+            align_corners=ctm == "align_corners",
+        )  # fmt: skip
+    raise unsupported(n, f"Resize mode {mode!r} with {ctm}")
+
+
 def _xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.logical_xor(a, b)
 
@@ -1093,6 +1275,29 @@ OPS: dict[str, Callable[[OnnxNode], Any]] = {
     "ConstantOfShape": _constant_of_shape,  # full(shape, value)
     "Range": _range,  # arange(start, limit, delta)
     "Constant": _constant,  # folded into the module's constants at import
+    # extras: normalizations, layout, scatter, bits, resize
+    "RMSNormalization": _rms_norm,  # x / sqrt(mean(x**2) + eps) * scale
+    "GroupNormalization": _group_norm,  # group_norm(num_groups)
+    "MeanVarianceNormalization": _mvn,  # (x - mean) / std over axes
+    "LpNormalization": _lp_norm,  # x / ||x||_p along axis
+    "Shrink": _shrink,  # soft/hard shrinkage by lambd, bias
+    "Swish": _swish,  # x * sigmoid(alpha * x)
+    "Acosh": unary(torch.acosh),  # acosh x
+    "Asinh": unary(torch.asinh),  # asinh x
+    "Atanh": unary(torch.atanh),  # atanh x
+    "DepthToSpace": _depth_to_space,  # channels -> blocks of space (DCR or CRD)
+    "SpaceToDepth": _space_to_depth,  # blocks of space -> channels
+    "EyeLike": _eye_like,  # ones on diagonal k
+    "ScatterElements": _scatter_elements,  # data.scatter(axis, idx, upd) [with reduction]
+    "ScatterND": _scatter_nd,  # data[idx] = upd (or += with reduction=add)
+    "BitShift": _bit_shift,  # a << b or a >> b
+    "BitwiseAnd": binary(torch.bitwise_and),  # a & b
+    "BitwiseOr": binary(torch.bitwise_or),  # a | b
+    "BitwiseXor": binary(torch.bitwise_xor),  # a ^ b
+    "BitwiseNot": lambda n: _wide_uint(torch.bitwise_not, T(n.inputs[0])),  # ~a
+    "CumProd": _cumprod,  # running product along axis (exclusive, reverse)
+    "NonZero": _non_zero,  # indices of non-zeros, [rank, count] (eager only)
+    "Resize": _resize,  # interpolate: nearest, (bi/tri)linear, bicubic, common coordinate modes
     # quantization
     "DequantizeLinear": _dequantize,  # (x - zero_point) * scale, per tensor or per axis
     "QuantizeLinear": _quantize,  # saturate(round(x / scale) + zero_point)

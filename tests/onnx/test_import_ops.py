@@ -334,3 +334,38 @@ def test_quantize_dequantize_and_matmul_integer() -> None:
         helper.make_tensor_value_info("yi", TensorProto.INT32, None),
     ]
     _check(_model(nodes, [x], outs, inits, opset=13), _rand(5, 4))
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        dict(mode="linear", coordinate_transformation_mode="half_pixel"),
+        dict(mode="linear", coordinate_transformation_mode="align_corners"),
+        dict(mode="cubic", coordinate_transformation_mode="half_pixel"),
+    ],
+    ids=lambda a: a["mode"] + "-" + a["coordinate_transformation_mode"],
+)
+def test_resize_with_constant_scales_captures_with_dynamic_batch(attrs: dict[str, Any]) -> None:
+    # scales are a float initializer: kept as Python numbers (STATIC_INPUTS), not traced data
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["y"], **attrs)]
+    inits = [_init("scales", np.array([1.0, 1.0, 2.0, 1.5], np.float32))]
+    x = helper.make_tensor_value_info("x", F32, ["N", 2, 4, 6])
+    model = _model(nodes, [x], [helper.make_tensor_value_info("y", F32, None)], inits, opset=19)
+    gm = _check(model, _rand(2, 2, 4, 6), tol=1e-4)
+    other = _rand(3, 2, 4, 6, seed=5)
+    np.testing.assert_allclose(
+        gm(torch.from_numpy(other)).numpy(), _ort(model, {"x": other})[0], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_unsupported_resize_mode_is_refused_by_name() -> None:
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode="linear",
+                              coordinate_transformation_mode="tf_crop_and_resize")]  # fmt: skip
+    inits = [_init("scales", np.array([1.0, 1.0, 2.0, 2.0], np.float32))]
+    x = helper.make_tensor_value_info("x", F32, [1, 1, 2, 2])
+    module = load_onnx(
+        _model(nodes, [x], [helper.make_tensor_value_info("y", F32, None)], inits, opset=19)
+    )
+    with pytest.raises(graphopt.OnnxImportError, match="'up'.*tf_crop_and_resize"):
+        module(torch.randn(1, 1, 2, 2))
