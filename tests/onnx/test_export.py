@@ -312,3 +312,81 @@ def test_cli_compile_writes_onnx(tmp: Path) -> None:
     onnx.checker.check_model(exported, full_check=True)
     model, inputs = zoo.get("mlp", batch=OTHER_BATCH)
     assert _worst(_ort(exported, inputs), _float64(model, inputs)) <= FP32_FLOOR
+
+
+@pytest.mark.parametrize(
+    "options",
+    ["act=dynamic", "mode=w8a16", "lower=false", "smooth=0.5", "calib=minmax"],
+)
+def test_int8_variants_export(options: str, tmp: Path) -> None:
+    model, inputs = zoo.get("mlp", batch=BATCH)
+    pipeline = f"-O1,int8{{measure=false,{options}}}"
+    compiled = graphopt.compile(model, inputs, pipeline=pipeline, on_fail="raise")
+    assert any(str(n.target).startswith("graphopt.") for n in compiled.graph.nodes)
+    path = graphopt.export_onnx(compiled, tmp / f"int8_{options.replace('=', '_')}.onnx")
+    exported = onnx.load(str(path))
+    types = {n.op_type for n in exported.graph.node}
+    assert "DequantizeLinear" in types  # the weights stay int8 behind a DequantizeLinear
+    _, other = zoo.get("mlp", batch=OTHER_BATCH)
+    got, own = _ort(exported, other), _leaves(compiled(*other))
+    assert metrics.cosine(got[0], _float64(model, other)[0]) >= 0.99
+    assert metrics.cosine(got[0], own[0]) >= 0.9999
+
+
+def test_fp16_graph_exports_within_its_floor(tmp: Path) -> None:
+    model, inputs = zoo.get("mlp", batch=BATCH)
+    compiled = graphopt.compile(model, inputs, pipeline="-O1,precision{dtype=fp16}")
+    path = graphopt.export_onnx(compiled, tmp / "fp16.onnx")
+    _, other = zoo.get("mlp", batch=OTHER_BATCH)
+    ref = _float64(model, other)
+    own = _worst(_leaves(compiled(*other)), ref)
+    assert own > FP32_FLOOR  # the fp16 graph really computes in fp16
+    assert _worst(_ort(onnx.load(str(path)), other), ref) <= 2 * own + metrics.rounding_floor(
+        torch.float16
+    )
+
+
+class _Sparse(nn.Module):
+    """A layer written with graphopt's 2:4 op directly (on the CPU prune keeps it dense)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        w = torch.randn(16, 32)
+        w[:, 1::2] = 0  # two zeros in every four weights
+        self.w, self.b = nn.Parameter(w), nn.Parameter(torch.randn(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.graphopt.sparse24_linear(x, self.w, self.b).relu()
+
+
+def test_sparse24_linear_exports_as_a_dense_gemm_with_its_zeros(tmp: Path) -> None:
+    model = _Sparse().eval()
+    compiled = graphopt.compile(model, (torch.randn(4, 32),), pipeline="-O0")
+    assert any(n.target == torch.ops.graphopt.sparse24_linear.default for n in compiled.graph.nodes)
+    exported = onnx.load(str(graphopt.export_onnx(compiled, tmp / "sparse.onnx")))
+    weights = [w for w in _initializers(exported).values() if w.shape == (16, 32)]
+    assert len(weights) == 1 and not weights[0][:, 1::2].any()
+    x = torch.randn(7, 32)
+    assert _worst(_ort(exported, (x,)), _float64(model, (x,))) <= FP32_FLOOR
+
+
+@torch.library.custom_op("graphopt::test_export_unknown", mutates_args=())
+def _unknown_op(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_unknown_op.register_fake
+def _unknown_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _UsesUnknownOp(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.graphopt.test_export_unknown(x) + 1
+
+
+def test_graphopt_op_without_onnx_form_is_named(tmp: Path) -> None:
+    compiled = graphopt.compile(_UsesUnknownOp(), (torch.randn(3, 4),), pipeline="-O0")
+    with pytest.raises(graphopt.OnnxExportError, match="no ONNX form.*test_export_unknown.*node"):
+        graphopt.export_onnx(compiled, tmp / "unknown.onnx")
+    assert not (tmp / "unknown.onnx").exists()
