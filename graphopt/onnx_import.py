@@ -9,6 +9,7 @@ dynamic -> the same FX GraphModule of ATen ops a torch capture gives.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import re
 import warnings
@@ -248,6 +249,7 @@ class OnnxModule(torch.nn.Module):
         graph = model.graph
         self._attr_of: dict[str, str] = {}
         self._static: dict[str, ShapeVal] = {}
+        self._static_attr: dict[str, str] = {}
         static = {
             node.input[i]
             for node in graph.node
@@ -274,14 +276,17 @@ class OnnxModule(torch.nn.Module):
             self._ops.append(_Op(onnx_node, list(node.output)))
 
     def _add_constant(self, name: str, value: torch.Tensor, static: bool = False) -> None:
-        if _is_shape_like(value) or (static and value.dim() <= 1):  # see onnx_ops.ShapeVal
-            self._static[name] = ShapeVal(value.reshape(-1).tolist(), value.dim() == 0, value.dtype)
-            return
+        shape_like = _is_shape_like(value) or (static and value.dim() <= 1)
         attr = re.sub(r"\W", "_", name) or "const"
         attr = attr if not attr[0].isdigit() else f"c_{attr}"
         base, k = attr, 1
-        while hasattr(self, attr) or attr in self._attr_of.values():
+        while hasattr(self, attr):
             attr, k = f"{base}_{k}", k + 1
+        if shape_like:  # read as Python values (see onnx_ops.ShapeVal); the buffer backs T()
+            self._static[name] = ShapeVal(value.reshape(-1).tolist(), value.dim() == 0, value.dtype)
+            self.register_buffer(attr, value)
+            self._static_attr[name] = attr
+            return
         if value.is_floating_point() and value.dim() >= 1:
             self.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))
         else:
@@ -294,7 +299,10 @@ class OnnxModule(torch.nn.Module):
                 f"the ONNX model takes {len(self.inputs)} input(s) "
                 f"({', '.join(i.name for i in self.inputs)}), got {len(args)}"
             )
-        env: dict[str, Any] = dict(self._static)
+        env: dict[str, Any] = {
+            name: dataclasses.replace(v, const=getattr(self, self._static_attr[name]))
+            for name, v in self._static.items()
+        }
         env.update({name: getattr(self, attr) for name, attr in self._attr_of.items()})
         env.update({i.name: a for i, a in zip(self.inputs, args)})
         for op in self._ops:

@@ -60,10 +60,17 @@ class ShapeVal:
     values: list[Any]
     scalar: bool = False
     dtype: torch.dtype = torch.int64
+    const: torch.Tensor | None = None  # the module's buffer, for a constant of the ONNX file
 
     def tensor(self) -> torch.Tensor:
-        t = torch.tensor(self.values, dtype=self.dtype)
-        return t.reshape(()) if self.scalar else t
+        if self.const is not None:
+            return self.const
+        # not torch.tensor(values): export traces it as lift_fresh_copy + an in-place detach_,
+        # which a saved and reloaded program rejects
+        parts = [torch.scalar_tensor(v, dtype=self.dtype) for v in self.values]
+        if self.scalar:
+            return parts[0]
+        return torch.stack(parts) if parts else torch.zeros(0, dtype=self.dtype)
 
 
 @dataclass

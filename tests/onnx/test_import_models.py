@@ -130,3 +130,20 @@ def test_imported_bert_reads_like_a_torch_capture_to_the_pattern_passes(exported
     compiled = graphopt.compile(path, pipeline="-O2")
     applied = {r.name: r.rewrites for r in compiled.report.records if r.status == "ok"}
     assert applied.get("patterns:fuse-gelu") == 2 and applied.get("patterns:fuse-attention") == 2
+
+
+def test_compiled_onnx_model_saves_and_loads(exported, tmp_path: Path) -> None:
+    path, _ = exported[("gpt", False)]  # Shape/Gather/Concat chains, ConstantOfShape, Where
+    compiled = graphopt.compile(path, pipeline="-O1")
+    graphopt.save(compiled, tmp_path / "gpt.graphopt")
+    loaded = graphopt.load(tmp_path / "gpt.graphopt")
+    _, inputs = zoo.get("gpt", batch=3)
+    np.testing.assert_array_equal(_flat(loaded(*inputs))[0], _flat(compiled(*inputs))[0])
+
+
+def test_cli_compiles_an_onnx_file(exported, capsys: pytest.CaptureFixture[str]) -> None:
+    from graphopt.tools.cli import main
+
+    path, _ = exported[("mlp", False)]
+    assert main(["compile", str(path), "--pipeline", "-O1", "--batch", "4"]) == 0
+    assert "fold-bn" in capsys.readouterr().out
