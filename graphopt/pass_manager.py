@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 from graphopt.errors import EquivalenceError, GraphoptError, PassError
 from graphopt.interpreter import native_run
 from graphopt.ir import count_op_nodes, format_graph, snapshot
-from graphopt.passes_base import FixedPoint, Pass, PipelineItem, parse_pipeline
+from graphopt.passes_base import FixedPoint, Pass, PassResult, PipelineItem, parse_pipeline
 from graphopt.rewriter import RewriteBudget, Rewriter, RuleLog
 from graphopt.verify import Verifier
 
@@ -126,7 +126,44 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+@dataclass
+class PassStep:
+    """One run of one pass as the pass manager saw it; what an ``on_step`` observer gets.
+
+    The manager calls ``on_step("start", step)`` before the pass runs and ``on_step("end",
+    step)`` once it has kept or rolled back the result; it fills the same object in between, so
+    an observer holding it when ``on_fail="raise"`` raises sees the failing run complete up to the
+    point of failure. ``index`` is the pass's 1-based position in the flattened pipeline (as
+    ``--opt-bisect-limit`` counts: a skipped pass counts too); ``round`` its run number (more than
+    1 inside a fixed-point group); ``before`` the graph it received (never edited again);
+    ``rewrites_before`` the pipeline's rewrites attempted before this run; ``candidate`` the graph
+    the pass rewrote (a copy of ``before``; kept or not); ``rules`` this run's rule log.
+    """
+
+    index: int
+    record: PassRecord
+    pass_: Pass
+    round: int
+    before: GraphModule
+    rewrites_before: int
+    candidate: GraphModule | None = None
+    result: PassResult | None = None
+    kept: bool = False
+    rules: dict[str, RuleLog] = field(default_factory=dict)
+
+    @property
+    def after(self) -> GraphModule:
+        """The graph the pipeline goes on with: the candidate if it was kept, else ``before``."""
+        return self.candidate if self.kept and self.candidate is not None else self.before
+
+    @property
+    def rolled_back(self) -> bool:
+        """The pass changed the graph and the manager threw the change away."""
+        return self.result is not None and self.result.changed and not self.kept
+
+
 Event = Callable[[str, str, "PassRecord | None"], None]
+StepEvent = Callable[[str, PassStep], None]
 
 _STATUS_RANK = {"unchanged": 0, "ok": 1, "skipped": 2, "rolled back": 3}
 
@@ -142,6 +179,7 @@ class PassManager:
         target: str = "cpu",
         keep_snapshots: bool = False,
         on_event: Event | None = None,
+        on_step: StepEvent | None = None,
     ) -> None:
         if on_fail not in ("rollback", "raise"):
             raise GraphoptError(f"on_fail={on_fail!r}: use 'rollback' (the default) or 'raise'")
@@ -150,21 +188,28 @@ class PassManager:
         self.on_fail = on_fail
         self.keep_snapshots = keep_snapshots
         self.on_event = on_event
+        self.on_step = on_step
         self.ctx = PassContext(target=target, budget=RewriteBudget(max_rewrites))
+        # set by run(): the report being built and the verifier (None without verification),
+        # readable from the hooks while the pipeline runs
+        self.report = Report()
+        self.verifier: Verifier | None = None
+        self._index: dict[int, int] = {}  # id(record) -> position in the flattened pipeline
 
     def run(self, gm: GraphModule, flat_inputs: Sequence[Any]) -> tuple[GraphModule, Report]:
         """Run the pipeline on a copy of ``gm``; return the optimized graph and the report."""
         start = time.perf_counter()
         report = Report()
-        self._report = report
-        self._verifier = Verifier(gm, flat_inputs) if self.verify else None
+        self.report = report
+        self._index = {}
+        self.verifier = Verifier(gm, flat_inputs) if self.verify else None
         self._inputs = list(flat_inputs)
         self.ctx.inputs = self._inputs
         gm = snapshot(gm)
         self._outputs = native_run(gm, self._inputs)[0] if self.verify else []
-        self._aliases = self._verifier.alias_pairs(self._outputs, gm) if self._verifier else set()
-        if self._verifier is not None:
-            report.baseline_error = self._verifier.output_error(self._outputs)
+        self._aliases = self.verifier.alias_pairs(self._outputs, gm) if self.verifier else set()
+        if self.verifier is not None:
+            report.baseline_error = self.verifier.output_error(self._outputs)
         if self.keep_snapshots:
             report.snapshots.append(("captured", format_graph(gm)))
         for item in self.items:
@@ -194,6 +239,8 @@ class PassManager:
 
     def _run_pass(self, gm: GraphModule, p: Pass, record: PassRecord) -> tuple[GraphModule, bool]:
         """Run one pass on a copy; keep the copy only if it keeps its contract."""
+        # passes are first seen in pipeline order, skipped ones too
+        index = self._index.setdefault(id(record), len(self._index) + 1)
         if not self.ctx.budget.allows():
             record.status = "skipped" if record.status == "unchanged" else record.status
             record.message = "max_rewrites reached"
@@ -206,6 +253,9 @@ class PassManager:
         self.ctx.pass_name = p.name
         self.ctx.rewriters = []
         candidate = snapshot(gm)
+        step = PassStep(index, record, p, record.runs, gm, self.ctx.budget.used, candidate)
+        if self.on_step:
+            self.on_step("start", step)
         t0 = time.perf_counter()
         try:
             result = p.run(candidate, self.ctx)
@@ -213,8 +263,10 @@ class PassManager:
                 rw.finish()
         except Exception as exc:  # a bug in a pass must not take the compile down with it
             record.time_s += time.perf_counter() - t0
-            return self._crashed(gm, p, record, exc), False
+            step.rules = self._rules()
+            return self._crashed(gm, p, record, exc, step), False
         record.time_s += time.perf_counter() - t0
+        step.result, step.rules = result, self._rules()
         rewrites = sum(rw.rewrites for rw in self.ctx.rewriters)
         _check_invariants(candidate, p.name)
         changed = result.changed
@@ -223,26 +275,41 @@ class PassManager:
                 record.stats.get(key, 0) + value if isinstance(value, (int, float)) else value
             )
         keep = True
-        if changed and self._verifier is not None:
+        if changed and self.verifier is not None:
             t1 = time.perf_counter()
             keep = self._check(gm, candidate, p, record)
             record.verify_s += time.perf_counter() - t1
         if keep:
             record.rewrites += rewrites if changed else 0  # an unchanged result is discarded
-            for rw in self.ctx.rewriters:
-                for rule, log in rw.rules.items():
-                    record.rules.setdefault(rule, RuleLog()).merge(log)
+            for rule, log in step.rules.items():
+                record.rules.setdefault(rule, RuleLog()).merge(log)
+            step.kept = changed
             gm = candidate if changed else gm
             if changed:
                 record.status = max(record.status, "ok", key=_STATUS_RANK.__getitem__)
                 if self.keep_snapshots:
-                    self._report.snapshots.append((record.name, format_graph(gm)))
+                    self.report.snapshots.append((record.name, format_graph(gm)))
         record.nodes_after = count_op_nodes(gm)
-        if self.on_event:
-            self.on_event("end", record.name, record)
+        self._end(record, step)
         return gm, changed and keep
 
-    def _crashed(self, gm: GraphModule, p: Pass, record: PassRecord, exc: Exception) -> GraphModule:
+    def _rules(self) -> dict[str, RuleLog]:
+        """The rule log of the pass run in progress (all its rewriters)."""
+        rules: dict[str, RuleLog] = {}
+        for rw in self.ctx.rewriters:
+            for rule, log in rw.rules.items():
+                rules.setdefault(rule, RuleLog()).merge(log)
+        return rules
+
+    def _end(self, record: PassRecord, step: PassStep) -> None:
+        if self.on_step:
+            self.on_step("end", step)
+        if self.on_event:
+            self.on_event("end", record.name, record)
+
+    def _crashed(
+        self, gm: GraphModule, p: Pass, record: PassRecord, exc: Exception, step: PassStep
+    ) -> GraphModule:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         error = PassError(
             f"pass {p.spec()!r} crashed with {type(exc).__name__}: {first}. The graph is left as "
@@ -252,32 +319,31 @@ class PassManager:
             raise error from exc
         record.status, record.message = "rolled back", str(error)
         warnings.warn(f"rolled back: {error}", EquivalenceWarning, stacklevel=4)
-        if self.on_event:
-            self.on_event("end", record.name, record)
+        self._end(record, step)
         return gm
 
     def _check(self, before: GraphModule, after: GraphModule, p: Pass, record: PassRecord) -> bool:
-        assert self._verifier is not None
+        assert self.verifier is not None
         contract = p.contract_for()
         outputs = native_run(after, self._inputs)[0]
-        verdict = self._verifier.judge(contract, self._outputs, outputs)
+        verdict = self.verifier.judge(contract, self._outputs, outputs)
         record.error = verdict.error
         record.spent = verdict.metrics
-        aliases = self._verifier.alias_pairs(outputs, after)
+        aliases = self.verifier.alias_pairs(outputs, after)
         new_aliases = aliases - self._aliases
         if verdict.ok and not new_aliases:
             self._outputs, self._aliases = outputs, aliases
             return True
         error: EquivalenceError = (
-            self._verifier.localize(p.name, contract, verdict, before, after)
+            self.verifier.localize(p.name, contract, verdict, before, after)
             if not verdict.ok
-            else self._verifier.aliasing_error(p.name, new_aliases, after)
+            else self.verifier.aliasing_error(p.name, new_aliases, after)
         )
         if self.on_fail == "raise":
             raise error
         record.status = "rolled back"
         record.message = str(error)
-        record.error = self._verifier.output_error(self._outputs)
+        record.error = self.verifier.output_error(self._outputs)
         warnings.warn(f"rolled back: {error}", EquivalenceWarning, stacklevel=4)
         return False
 

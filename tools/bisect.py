@@ -42,7 +42,7 @@ from graphopt.capture import as_args, capture
 from graphopt.errors import EquivalenceError, GraphoptError
 from graphopt.interpreter import Runner, native_run
 from graphopt.ir import original_name, short_target
-from graphopt.pass_manager import PassManager, PassRecord
+from graphopt.pass_manager import PassManager, PassStep
 from graphopt.passes_base import Contract, Pass, PipelineItem, parse_pipeline
 from graphopt.tools import debug
 from graphopt.verify import Verifier, _judge_value
@@ -207,39 +207,35 @@ class Trial:
         return same_run and type(self.error) is type(other.error)
 
 
-class _Watcher(PassManager):
-    """A pass manager that remembers, for each pass run, the graph it received and the rewrite
-    count at its start, and, for the run that fails, the rewritten candidate. It hooks the
-    manager's own per-pass step so that the trial is exactly the pipeline the user runs."""
+class _Watcher:
+    """Remembers, through the pass manager's ``on_step`` hook, the graph each pass run received
+    and the rewrite count at its start, the run that fails (the last one started, whose
+    rewritten candidate the manager fills in), and the graph and rules after every run. The
+    trial is exactly the pipeline the user runs."""
 
-    def __init__(self, items: Sequence[PipelineItem], **options: Any) -> None:
-        super().__init__(items, **options)
-        self.index: dict[int, int] = {}
+    def __init__(self) -> None:
         self.step: Step | None = None
+        self.last: PassStep | None = None
         self.ends: dict[tuple[int, int], tuple[GraphModule, dict[str, int]]] = {}
 
+    def __call__(self, kind: str, step: PassStep) -> None:
+        if kind == "start":
+            self.last = step
+            return
+        applied = {rule: log.applied for rule, log in step.rules.items()}
+        self.ends[(step.index, step.round)] = (step.after, applied)
+
+    def failing(self) -> Step | None:
+        s = self.last
+        if s is None:
+            return None
+        after = s.candidate if s.result is not None else None
+        return Step(s.index, s.record.name, s.round, s.pass_, s.before, s.rewrites_before, after)
+
     def rules(self) -> dict[str, int]:
-        applied: dict[str, int] = {}
-        for rw in self.ctx.rewriters:
-            for rule, log in rw.rules.items():
-                applied[rule] = applied.get(rule, 0) + log.applied
-        return applied
-
-    def _run_pass(self, gm: GraphModule, p: Pass, record: PassRecord) -> tuple[GraphModule, bool]:
-        # passes are first seen in pipeline order (a skipped pass is seen too), so this numbers
-        # them as --opt-bisect-limit does
-        index = self.index.setdefault(id(record), len(self.index) + 1)
-        round_ = record.runs + 1
-        self.step = Step(index, record.name, round_, p, gm, self.ctx.budget.used)
-        self.ctx.rewriters = []
-        out, changed = super()._run_pass(gm, p, record)
-        self.ends[(index, round_)] = (out, self.rules())
-        return out, changed
-
-    def _check(self, before: GraphModule, after: GraphModule, p: Pass, record: PassRecord) -> bool:
-        assert self.step is not None
-        self.step.after = after
-        return super()._check(before, after, p, record)
+        if self.last is None:
+            return {}
+        return {rule: log.applied for rule, log in self.last.rules.items()}
 
 
 class Bisector:
@@ -261,7 +257,10 @@ class Bisector:
 
     def trial(self, limit: int | None) -> Trial:
         self.trials += 1
-        manager = _Watcher(self.items, on_fail="raise", max_rewrites=limit, target=self.target)
+        watcher = _Watcher()
+        manager = PassManager(
+            self.items, on_fail="raise", max_rewrites=limit, target=self.target, on_step=watcher
+        )
         error: GraphoptError | None = None
         try:
             manager.run(self.captured, self.inputs)
@@ -270,11 +269,11 @@ class Bisector:
         return Trial(
             limit,
             error,
-            manager.step if error is not None else None,
+            watcher.failing() if error is not None else None,
             manager.ctx.budget.used,
-            getattr(manager, "_verifier", None),
-            manager.ends,
-            manager.rules() if error is not None else {},
+            manager.verifier,
+            watcher.ends,
+            watcher.rules() if error is not None else {},
         )
 
 

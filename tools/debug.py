@@ -193,8 +193,7 @@ class IRPrinter:
     def __call__(self, kind: str, name: str, record: PassRecord | None) -> None:
         if kind != "end":
             return
-        # the manager exposes the report only when run() returns; the hook needs it meanwhile
-        snapshots = self.manager._report.snapshots
+        snapshots = self.manager.report.snapshots  # the report being built
         previous, current = snapshots[self.seen - 1][1], snapshots[-1][1]
         changed = len(snapshots) > self.seen
         self.seen = len(snapshots)

@@ -36,8 +36,7 @@ from graphopt.errors import GraphoptError
 from graphopt.interpreter import Runner, reference_run
 from graphopt.ir import count_op_nodes, format_type, original_name, short_target
 from graphopt.ops import program_of
-from graphopt.pass_manager import PassManager, PassRecord, Report
-from graphopt.passes_base import Pass, PassResult
+from graphopt.pass_manager import PassManager, PassRecord, PassStep, Report
 from graphopt.tools import debug, svg
 from graphopt.tools.debug import LoadModel
 
@@ -110,46 +109,24 @@ class Step:
     kept: bool
 
 
-class _Watched:
-    """Stands in for a pass to see the graph it rewrote: the pass manager keeps a rolled-back
-    candidate nowhere, and the report shows it (coloured by error, it is the evidence)."""
+class Recorder:
+    """Keeps the graph before and after every pass run, through the pass manager's ``on_step``
+    hook, including the candidate of a run that was rolled back (coloured by error, it is the
+    evidence). The graphs are the manager's own: each pass runs on a fresh copy, so a graph it
+    has handed over is never edited again and holding it is a faithful snapshot."""
 
-    def __init__(self, inner: Pass) -> None:
-        self._inner = inner
-        self.candidate: GraphModule | None = None
-        self.result: PassResult | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def run(self, gm: GraphModule, ctx: Any) -> PassResult:
-        self.candidate = gm
-        self.result = self._inner.run(gm, ctx)
-        return self.result
-
-
-class RecordingManager(PassManager):
-    """A pass manager that also keeps the graph before and after every pass run.
-
-    The graphs are the manager's own: each pass runs on a fresh copy, so a graph it has kept is
-    never edited again and holding a reference to it is a faithful snapshot.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self) -> None:
         self.steps: list[Step] = []
         self.first_before: dict[int, GraphModule] = {}  # id(record) -> graph before its 1st run
 
-    def _run_pass(self, gm: GraphModule, p: Pass, record: PassRecord) -> tuple[GraphModule, bool]:
-        watched = _Watched(p)
-        self.first_before.setdefault(id(record), gm)
-        out, changed = super()._run_pass(gm, watched, record)  # type: ignore[arg-type]
-        rejected = watched.result is not None and watched.result.changed and not changed
-        if changed or (rejected and watched.candidate is not None):
-            after = out if changed else watched.candidate
-            assert after is not None
-            self.steps.append(Step(record, record.runs, gm, after, kept=changed))
-        return out, changed
+    def __call__(self, kind: str, step: PassStep) -> None:
+        if kind == "start":
+            self.first_before.setdefault(id(step.record), step.before)
+            return
+        if (step.kept or step.rolled_back) and step.candidate is not None:
+            self.steps.append(
+                Step(step.record, step.round, step.before, step.candidate, kept=step.kept)
+            )
 
 
 @dataclass
@@ -174,11 +151,13 @@ def collect(
     call_args = as_args(inputs)
     captured = capture(model, call_args)
     flat_inputs = pytree.tree_leaves((call_args, {}))
-    manager = RecordingManager(
+    recorder = Recorder()
+    manager = PassManager(
         pipeline,
         on_fail=on_fail,
         max_rewrites=max_rewrites,
         target=resolve_target("auto", model, call_args),
+        on_step=recorder,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", graphopt.EquivalenceWarning)
@@ -188,8 +167,8 @@ def collect(
         optimized,
         flat_inputs,
         report,
-        manager.steps,
-        manager.first_before,
+        recorder.steps,
+        recorder.first_before,
         [str(w.message) for w in caught if issubclass(w.category, graphopt.EquivalenceWarning)],
     )
 
