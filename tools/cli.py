@@ -50,6 +50,9 @@ def load_model(spec: str, batch: int | None) -> tuple[torch.nn.Module, tuple[Any
     module_spec = importlib.util.spec_from_file_location(file.stem, file)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
+    # registered before it runs, as an import would: dataclasses (and pickling) look their
+    # module up in sys.modules
+    sys.modules[module_spec.name] = module
     module_spec.loader.exec_module(module)
     factory = getattr(module, name, None)
     if not callable(factory):

@@ -34,6 +34,25 @@ def test_compile_file_factory(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert "cleanup:remove-noops" in out and "aten.linear.default" in out
 
 
+def test_model_file_may_define_dataclasses(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # dataclasses look their module up in sys.modules while the file runs
+    src = tmp_path / "dc_model.py"
+    src.write_text(
+        "from __future__ import annotations\n"
+        "import dataclasses, torch\n"
+        "@dataclasses.dataclass\n"
+        "class Options:\n"
+        "    width: int = 4\n"
+        "def build(batch=2):\n"
+        "    w = Options().width\n"
+        "    return torch.nn.Linear(w, w), (torch.randn(batch, w),)\n"
+    )
+    assert main(["compile", f"{src}:build", "--pipeline", "dce"]) == 0
+    assert "dce" in capsys.readouterr().out
+
+
 def test_cli_errors_are_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compile", "vgg"]) == 2
     assert "unknown zoo model 'vgg'" in capsys.readouterr().out
