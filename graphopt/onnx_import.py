@@ -162,6 +162,51 @@ def _clean_fallback(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def fuse_linear(model: onnx.ModelProto) -> int:
+    """MatMul(x, W) [+ b] -> graphopt::Linear(x, W^T, b) in place, where W is a 2-D float
+    initializer used only there and b a 1-D initializer: the exporters write a torch Linear that
+    way, and graphopt's passes (fold-bn, epilogues, int8, pruning) look for ``aten.linear``.
+    Returns the number of MatMuls rewritten."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    uses: dict[str, list[Any]] = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            uses[name].append(node)
+    for out in graph.output:
+        uses[out.name].append(None)
+    fused, drop = 0, set()
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        w = inits.get(node.input[1])
+        if w is None or len(w.dims) != 2 or w.data_type not in (1, 10, 11, 16):
+            continue
+        if len(uses[w.name]) != 1:
+            continue
+        bias, consumer = "", uses[node.output[0]]
+        if len(consumer) == 1 and consumer[0] is not None and consumer[0].op_type == "Add":
+            add = consumer[0]
+            other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+            b = inits.get(other)
+            if b is not None and list(b.dims) == [w.dims[1]] and b.data_type == w.data_type:
+                bias = other
+                node.output[0] = add.output[0]
+                drop.add(id(add))
+        array = numpy_helper.to_array(w).T.copy()
+        w.CopyFrom(numpy_helper.from_array(array, w.name))
+        node.op_type, node.domain = "Linear", "graphopt"
+        node.input.append(bias)
+        fused += 1
+    if drop:
+        kept = [n for n in graph.node if id(n) not in drop]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return fused
+
+
 def check_supported(model: onnx.ModelProto, where: str) -> None:
     """Raise one UnsupportedOpError listing every unsupported op type, its count and node names."""
     missing: dict[str, list[str]] = collections.defaultdict(list)
@@ -228,6 +273,12 @@ def _is_shape_like(t: torch.Tensor) -> bool:
     return small_int or t.numel() == 1
 
 
+def _attr_value(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.dim() <= 1 and v.numel() <= SHAPE_VAL_MAX:
+        return ShapeVal(v.reshape(-1).tolist(), v.dim() == 0, v.dtype)
+    return v
+
+
 @dataclass
 class _Op:
     node: OnnxNode
@@ -268,6 +319,9 @@ class OnnxModule(torch.nn.Module):
                 value = _constant_value(node, attrs)
                 self._add_constant(node.output[0], value, node.output[0] in static)
                 continue
+            # tensor attributes (ConstantOfShape's value) as Python values: torch.export would
+            # trace reading a number out of a tensor as a data-dependent .item()
+            attrs = {k: _attr_value(v) for k, v in attrs.items()}
             key = (
                 node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
             )
@@ -369,6 +423,8 @@ def load_onnx(source: Any, *, cleanup: bool = True) -> OnnxModule:
     corrupt or invalid file and ``UnsupportedOpError`` (listing every unsupported op) before
     anything runs.
     """
+    import onnx
+
     model, where = _read(source)
     _check(model, where)
     original_opset = opset_of(model)
@@ -381,6 +437,9 @@ def load_onnx(source: Any, *, cleanup: bool = True) -> OnnxModule:
     if cleanup:
         model, how = _clean(model)
     check_supported(model, where)
+    if not cleanup:
+        model = onnx.ModelProto.FromString(model.SerializeToString())  # never edit the caller's
+    linear = fuse_linear(model)
     info = {
         "source": "onnx",
         "file": where,
@@ -389,6 +448,7 @@ def load_onnx(source: Any, *, cleanup: bool = True) -> OnnxModule:
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "cleanup": how,
         "nodes": len(model.graph.node),
+        "linear_fused": linear,
     }
     return OnnxModule(model, info)
 

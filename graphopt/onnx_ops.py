@@ -244,10 +244,13 @@ def _mod(n: OnnxNode) -> Any:
 def _clip(n: OnnxNode) -> Any:
     x = T(n.inputs[0])
     lo, hi = (n.input(1), n.input(2)) if n.opset >= 11 else (n.attr("min"), n.attr("max"))
-    lo = T(lo) if lo is not None else None
-    hi = T(hi) if hi is not None else None
+    # constant bounds as Python numbers: clamp(x, 0, 6) is hardtanh, as a torch ReLU6 captures
+    lo = lo.values[0] if isinstance(lo, ShapeVal) else T(lo)
+    hi = hi.values[0] if isinstance(hi, ShapeVal) else T(hi)
     if lo is None and hi is None:
         return x
+    if isinstance(lo, float) and isinstance(hi, float) and x.is_floating_point():
+        return F.hardtanh(x, lo, hi)
     return torch.clamp(x, lo, hi)
 
 
@@ -760,9 +763,8 @@ def _pad(n: OnnxNode) -> Any:
 
 def _constant_of_shape(n: OnnxNode) -> Any:
     shape = L(n.inputs[0])
-    value = n.attr("value")
-    fill = value.reshape(-1)[0] if value is not None else torch.tensor(0.0)
-    dtype = fill.dtype
+    value = n.attr("value")  # a ShapeVal: the importer reads small tensor attributes as values
+    fill, dtype = (value.values[0], value.dtype) if value is not None else (0.0, torch.float32)
     if (
         dtype in _INT_DTYPES
         and len(shape) == 1
@@ -770,7 +772,7 @@ def _constant_of_shape(n: OnnxNode) -> Any:
         and shape[0] <= SHAPE_VAL_MAX
     ):
         return ShapeVal([int(fill)] * shape[0], False, dtype)
-    return torch.full(shape, fill.item(), dtype=dtype)
+    return torch.full(shape, fill, dtype=dtype)
 
 
 def _range(n: OnnxNode) -> Any:
@@ -1305,6 +1307,8 @@ OPS: dict[str, Callable[[OnnxNode], Any]] = {
     "CumProd": _cumprod,  # running product along axis (exclusive, reverse)
     "NonZero": _non_zero,  # indices of non-zeros, [rank, count] (eager only)
     "Resize": _resize,  # interpolate: nearest, (bi/tri)linear, bicubic, common coordinate modes
+    # graphopt's own, made at import (onnx_import.fuse_linear): MatMul(x, W) [+ b], W stored as W^T
+    "graphopt::Linear": lambda n: F.linear(T(n.inputs[0]), T(n.inputs[1]), T(n.input(2))),
     # quantization
     "DequantizeLinear": _dequantize,  # (x - zero_point) * scale, per tensor or per axis
     "QuantizeLinear": _quantize,  # saturate(round(x / scale) + zero_point)

@@ -147,3 +147,16 @@ def test_cli_compiles_an_onnx_file(exported, capsys: pytest.CaptureFixture[str])
     path, _ = exported[("mlp", False)]
     assert main(["compile", str(path), "--pipeline", "-O1", "--batch", "4"]) == 0
     assert "fold-bn" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["bert", "mlp", "resnet"])
+def test_imported_layers_are_aten_linear_like_a_torch_capture(exported, name) -> None:
+    # MatMul(x, W) + b from the exporter becomes aten.linear (onnx_import.fuse_linear), so
+    # fold-bn, the epilogues, int8 and pruning see the same layers as in a torch capture.
+    path, model = exported[(name, False)]
+    _, inputs = zoo.get(name, batch=2)
+
+    def count(gm: torch.fx.GraphModule) -> int:
+        return sum(n.target is torch.ops.aten.linear.default for n in gm.graph.nodes)
+
+    assert count(graphopt.capture(str(path))) == count(graphopt.capture(model, inputs)) > 0
