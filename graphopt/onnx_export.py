@@ -1,7 +1,7 @@
 """``graphopt.export_onnx``: write an optimized graph as an ONNX file that ONNX Runtime runs.
 
-The graph is re-exported with ``torch.export`` (batch dimension dynamic where the compiled model's
-is) and translated by ``torch.onnx.export(..., dynamo=True)``. graphopt's own ops are handled
+The graph is re-exported with ``torch.export`` (the input dims that are symbolic in the graph stay
+symbolic) and translated by ``torch.onnx.export(..., dynamo=True)``. graphopt's own ops are handled
 before that, one rule per op:
 
 * default: each op is replaced by its ATen reference decomposition, so the file holds only
@@ -9,7 +9,7 @@ before that, one rule per op:
   accept::
 
       int8_linear(q, s, w_int8, w_scales, b, r, act, f32)
-      ->  DequantizeLinear(q, s, 0) . MatMul/Gemm(DequantizeLinear(w_int8, w_scales, 0, axis=0)) ...
+      ->  Gemm(DequantizeLinear(q, s, 0), DequantizeLinear(w_int8, w_scales, 0, axis=0), b) ...
 
   ``quantize_per_tensor`` is ``QuantizeLinear`` (per-tensor scale, zero point 0) and the weights
   stay int8 initializers behind a per-channel ``DequantizeLinear`` (axis 0).
@@ -64,10 +64,14 @@ def _dequant(q: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     return y if dtype == torch.float32 else y.to(dtype)
 
 
-def _dequant_weight(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+def _dequant_channel(q: Tensor, scales: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
     scales = scales if scales.dtype == torch.float32 else scales.float()
-    w = G.dequantize_per_channel(q, scales, 0, torch.float32)
+    w = G.dequantize_per_channel(q, scales, axis, torch.float32)
     return w if dtype == torch.float32 else w.to(dtype)
+
+
+def _dequant_weight(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    return _dequant_channel(q, scales, 0, dtype)  # per output channel
 
 
 def _epilogue(y: Tensor, b: Tensor | None, r: Tensor | None, act: str) -> Tensor:
@@ -150,6 +154,10 @@ def _sparse24_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 # graphopt op name -> its export form; ops not listed here export as their ATen reference
 LOWERINGS: dict[str, Callable[..., Any]] = {
+    # the QDQ ops themselves stay, in float32 (the scale's type sets DequantizeLinear's output)
+    "quantize_per_tensor": _quant,
+    "dequantize_per_tensor": _dequant,
+    "dequantize_per_channel": _dequant_channel,
     "int8_linear": _int8_linear,
     "int8_linear_requant": _int8_linear_requant,
     "int8_conv1x1": _int8_conv1x1,
@@ -158,7 +166,8 @@ LOWERINGS: dict[str, Callable[..., Any]] = {
     "w8a16_linear": _w8a16_linear,
     "sparse24_linear": _sparse24_linear,
 }
-# kept as graphopt ops through torch.export; translated to standard ONNX QDQ ops below
+# kept as graphopt ops through torch.export (float32 in and out, see the wrappers above);
+# translated to the standard QuantizeLinear/DequantizeLinear below, with custom_ops too
 QDQ_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel")
 
 
@@ -169,8 +178,6 @@ def _all_ops() -> dict[str, Any]:
 
 
 def _default_form(name: str) -> Callable[..., Any] | None:
-    if name in QDQ_OPS:
-        return None
     if name in LOWERINGS:
         return LOWERINGS[name]
     if name in IMPLS:
@@ -421,7 +428,7 @@ def _lowered(gm: GraphModule, ops: dict[Any, str], custom_ops: bool) -> GraphMod
             name = ops[new.target]
             if custom_ops and name not in QDQ_OPS:
                 new.target = _custom_node(name, new.target)
-            elif not custom_ops and (form := _default_form(name)) is not None:
+            elif (form := _default_form(name)) is not None:
                 new.target = form
         env[node] = new
     out = GraphModule(gm, graph)

@@ -316,14 +316,17 @@ def test_cli_compile_writes_onnx(tmp: Path) -> None:
 
 @pytest.mark.parametrize(
     "options",
-    ["act=dynamic", "mode=w8a16", "lower=false", "smooth=0.5", "calib=minmax"],
+    ["act=dynamic", "mode=w8a16", "lower=false", "smooth=0.5", "calib=minmax", "fp16,lower=false"],
 )
 def test_int8_variants_export(options: str, tmp: Path) -> None:
     model, inputs = zoo.get("mlp", batch=BATCH)
-    pipeline = f"-O1,int8{{measure=false,{options}}}"
+    fp16 = options.startswith("fp16,")  # the QDQ form in fp16: cast around the float32 QDQ ops
+    int8 = f"int8{{measure=false,{options.removeprefix('fp16,')}}}"
+    pipeline = f"-O1,precision{{dtype=fp16}},{int8}" if fp16 else f"-O1,{int8}"
     compiled = graphopt.compile(model, inputs, pipeline=pipeline, on_fail="raise")
     assert any(str(n.target).startswith("graphopt.") for n in compiled.graph.nodes)
-    path = graphopt.export_onnx(compiled, tmp / f"int8_{options.replace('=', '_')}.onnx")
+    name = options.replace("=", "_").replace(",", "_")
+    path = graphopt.export_onnx(compiled, tmp / f"int8_{name}.onnx")
     exported = onnx.load(str(path))
     types = {n.op_type for n in exported.graph.node}
     assert "DequantizeLinear" in types  # the weights stay int8 behind a DequantizeLinear
