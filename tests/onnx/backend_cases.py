@@ -298,7 +298,7 @@ def markdown(run: Run, known: dict[str, str]) -> str:
         "",
         f"onnx {onnx.__version__}, torch {torch.__version__}: {len(run.outcomes)} cases; "
         f"{n_pass} pass, {n_fail} fail (all listed as known failures below), "
-        f"{n_unsup} use an op type graphopt does not import.",
+        f"{n_unsup} use an op type or a value type (string, float8, 4-bit, sequence) graphopt does not import.",
         "",
         "| op type | passed / run | rate |",
         "|---|---:|---:|",
@@ -312,7 +312,7 @@ def markdown(run: Run, known: dict[str, str]) -> str:
     for o in run.by_status("unsupported"):
         for op in o.reason.split(", "):
             unsup[op] += 1
-    lines += ["", "## Op types in the cases that graphopt does not import", ""]
+    lines += ["", "## Op and value types in the cases that graphopt does not import", ""]
     lines.append(", ".join(f"{op} ({n})" for op, n in sorted(unsup.items())))
     return "\n".join(lines) + "\n"
 
@@ -324,7 +324,7 @@ def print_table(run: Run) -> None:
         print(f"{op:<24}{p:>8}{r:>6}{100 * p / r:>6.0f}%")
     print(
         f"cases: {len(run.outcomes)}; pass {len(run.by_status('pass'))}, fail "
-        f"{len(run.by_status('fail'))}, unsupported op types {len(run.by_status('unsupported'))}"
+        f"{len(run.by_status('fail'))}, unsupported op or value types {len(run.by_status('unsupported'))}"
     )
 
 

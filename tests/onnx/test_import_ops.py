@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -105,7 +106,7 @@ def test_shape_arithmetic_stays_symbolic_under_dynamic_batch() -> None:
     )
 
 
-def test_symbolic_non_batch_dim_is_dynamic_in_compiled_model() -> None:
+def test_symbolic_non_batch_dim_is_dynamic_in_compiled_model(tmp_path: Path) -> None:
     # [B, S] ids -> embedding (Gather) -> ReduceMean over S: S is a second symbolic dim.
     table = _rand(16, 8)
     nodes = [
@@ -122,6 +123,10 @@ def test_symbolic_non_batch_dim_is_dynamic_in_compiled_model() -> None:
         np.testing.assert_allclose(
             compiled(torch.from_numpy(x)).numpy(), _ort(model, {"ids": x})[0], rtol=1e-6
         )
+    graphopt.save(compiled, tmp_path / "two_dims.graphopt")  # both dims stay dynamic when saved
+    loaded = graphopt.load(tmp_path / "two_dims.graphopt")
+    x = torch.randint(0, 16, (4, 3))
+    np.testing.assert_array_equal(loaded(x).numpy(), compiled(x).numpy())
 
 
 @pytest.mark.parametrize("opset", [13, 17, 18, 21])
