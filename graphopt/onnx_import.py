@@ -430,9 +430,12 @@ def load_onnx(source: Any, *, cleanup: bool = True) -> OnnxModule:
     original_opset = opset_of(model)
     model = _upgrade(model, where)
     if len(model.functions):  # model-local functions: their bodies are ordinary ops
-        from onnx import inliner
-
-        model = inliner.inline_local_functions(model)
+        try:
+            from onnx import inliner
+        except ImportError:  # onnx < 1.16: the function ops are then reported as unsupported
+            inliner = None
+        if inliner is not None:
+            model = inliner.inline_local_functions(model)
     how = "none"
     if cleanup:
         model, how = _clean(model)

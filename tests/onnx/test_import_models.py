@@ -110,7 +110,9 @@ def test_compile_folds_imported_batch_norm(exported) -> None:
 def test_capture_of_a_model_proto(exported) -> None:
     path, _ = exported[("resnet", True)]
     proto = onnx.load(str(path))
+    before = proto.SerializeToString()
     gm = graphopt.capture(proto)
+    assert proto.SerializeToString() == before  # the caller's model is not edited
     _, inputs = zoo.get("resnet", batch=3)
     assert _rel(_flat(gm(*inputs))[0], _ort(path, inputs)[0]) < 1e-5
     assert gm.meta["graphopt_capture"]["file"] == "<onnx.ModelProto>"
