@@ -172,8 +172,10 @@ QDQ_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_chann
 
 
 def _all_ops() -> dict[str, Any]:
+    from graphopt import sparse_ops  # noqa: F401  (registers graphopt::sparse24_linear)
+
     ops = dict(GRAPHOPT_OPS)
-    ops["sparse24_linear"] = G.sparse24_linear.default  # registered in graphopt/sparse_ops.py
+    ops["sparse24_linear"] = G.sparse24_linear.default
     return ops
 
 

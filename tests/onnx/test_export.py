@@ -266,6 +266,11 @@ def test_graph_module_and_static_batch(tmp: Path) -> None:
     )
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [OTHER_BATCH, 128] and not dims[0].dim_param
+    # a model compiled with a static batch exports with that batch
+    fixed = graphopt.compile(model, inputs, pipeline="-O1", dynamic_batch=False)
+    path = graphopt.export_onnx(fixed, tmp / "fixed.onnx")
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [BATCH, 128] and not dims[0].dim_param
 
 
 @pytest.mark.parametrize("opset", [17, 21])
