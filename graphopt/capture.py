@@ -77,7 +77,9 @@ def capture(
     from graphopt import onnx_import
 
     if onnx_import.is_onnx_source(model) or isinstance(model, onnx_import.OnnxModule):
-        return onnx_import.capture_onnx(model, example_inputs, dynamic_batch=dynamic_batch)
+        return onnx_import.capture_onnx(
+            model, example_inputs, example_kwargs, dynamic_batch=dynamic_batch
+        )
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(
             f"graphopt captures torch.nn.Module objects, got {type(model).__name__}; "

@@ -460,7 +460,11 @@ def load_onnx(source: Any, *, cleanup: bool = True) -> OnnxModule:
 
 
 def capture_onnx(
-    source: Any, example_inputs: Any = None, *, dynamic_batch: bool = True
+    source: Any,
+    example_inputs: Any = None,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    dynamic_batch: bool = True,
 ) -> GraphModule:
     """``graphopt.capture`` for ONNX: the standard IR, with every symbolic ONNX dim dynamic.
 
@@ -470,6 +474,12 @@ def capture_onnx(
     from graphopt.capture import StaticShapeWarning, _export, _first_line, as_args, normalize
 
     module = source if isinstance(source, OnnxModule) else load_onnx(source)
+    if example_kwargs:
+        raise OnnxImportError(
+            f"{module.info['file']}: an ONNX model takes its inputs positionally, in graph order "
+            f"({', '.join(i.name for i in module.inputs)}); got keyword inputs "
+            f"{sorted(example_kwargs)}"
+        )
     args = module.example_inputs() if example_inputs is None else as_args(example_inputs)
     info: dict[str, Any] = dict(module.info, dynamic_batch=False, static_reason=None,
                                 torch=torch.__version__)  # fmt: skip

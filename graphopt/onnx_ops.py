@@ -343,6 +343,11 @@ def _celu(n: OnnxNode) -> Any:
     return F.celu(T(n.inputs[0]), alpha=n.attr("alpha", 1.0))
 
 
+def _thresholded_relu(n: OnnxNode) -> Any:
+    x = T(n.inputs[0])
+    return torch.where(x > n.attr("alpha", 1.0), x, 0.0)
+
+
 def _gelu(n: OnnxNode) -> Any:
     return F.gelu(T(n.inputs[0]), approximate=n.attr("approximate", "none"))
 
@@ -809,12 +814,9 @@ def _reduce(fn: Callable[..., torch.Tensor], axes_input_from: int) -> Callable[[
 
     def run(n: OnnxNode) -> Any:
         x = T(n.inputs[0])
-        if n.opset >= axes_input_from:
-            axes = (
-                [_axis(int(a), x.dim()) for a in L(n.input(1))] if n.input(1) is not None else None
-            )
-        else:
-            axes = _axes(n, 99, x.dim())
+        raw = L(n.input(1)) if n.opset >= axes_input_from and n.input(1) is not None else None
+        raw = n.attr("axes") if n.opset < axes_input_from else raw
+        axes = None if raw is None else [_axis(int(a), x.dim()) for a in raw]
         keep = bool(n.attr("keepdims", 1))
         if not axes:
             if n.attr("noop_with_empty_axes", 0):
@@ -1222,9 +1224,7 @@ OPS: dict[str, Callable[[OnnxNode], Any]] = {
     "Softplus": unary(F.softplus),  # ln(1 + e**x)
     "Softsign": unary(F.softsign),  # x / (1 + |x|)
     "Mish": unary(F.mish),  # x * tanh(softplus(x))
-    "ThresholdedRelu": lambda n: torch.where(
-        T(n.inputs[0]) > n.attr("alpha", 1.0), T(n.inputs[0]), 0.0
-    ),  # x > a ? x : 0
+    "ThresholdedRelu": _thresholded_relu,  # x > alpha ? x : 0
     "Softmax": _softmax(torch.softmax),  # e**x / sum e**x over axis
     "LogSoftmax": _softmax(torch.log_softmax),  # x - logsumexp(x) over axis
     "Hardmax": _hardmax,  # one-hot of the argmax over axis

@@ -84,10 +84,11 @@ def test_capture_matches_onnxruntime_and_torch_at_two_batch_sizes(exported, name
             assert _rel(g, t) < 1e-5, (batch, _rel(g, t))
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 @pytest.mark.parametrize("pipeline", ["-O1", "-O2"])
 @pytest.mark.parametrize("name", MODELS)
-def test_compile_onnx_file_every_pass_verified(exported, name, pipeline) -> None:
-    path, model = exported[(name, False)]  # the TorchScript export: BN, Shape/Gather/Concat chains
+def test_compile_onnx_file_every_pass_verified(exported, name, pipeline, dynamo) -> None:
+    path, model = exported[(name, dynamo)]  # TorchScript: BN, Shape/Gather/Concat chains
     with warnings.catch_warnings():
         warnings.simplefilter("error", graphopt.EquivalenceWarning)  # a rolled-back pass fails
         compiled = graphopt.compile(str(path), pipeline=pipeline, on_fail="raise")

@@ -145,3 +145,11 @@ def test_wrong_number_of_inputs() -> None:
     with pytest.raises(graphopt.OnnxImportError) as exc:
         module(torch.randn(2, 64), torch.randn(2, 64))
     _assert_clear(exc, "takes 1 input(s) (x), got 2")
+
+
+def test_keyword_inputs_are_refused() -> None:
+    import torch
+
+    with pytest.raises(graphopt.OnnxImportError) as exc:
+        graphopt.compile(_good_model(), example_kwargs={"x": torch.randn(2, 64)})
+    _assert_clear(exc, "positionally, in graph order (x)", "['x']")
