@@ -1160,6 +1160,68 @@ def _resize(n: OnnxNode) -> Any:
     raise unsupported(n, f"Resize mode {mode!r} with {ctm}")
 
 
+def _heads(x: torch.Tensor, heads: int | None) -> torch.Tensor:
+    """(B, S, H*D) -> (B, H, S, D); a 4-D input is already split."""
+    if x.dim() == 4:
+        return x
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def _attention(n: OnnxNode) -> Any:
+    """Attention (opset 23+), following onnx.reference's op_attention step by step."""
+    q, k, v, mask, past_k, past_v = (T(n.input(i)) for i in range(6))
+    if (
+        n.input(6) is not None
+        or n.attr("left_window_size", -1) >= 0
+        or n.attr("right_window_size", -1) >= 0
+    ):
+        raise unsupported(n, "Attention with nonpad_kv_seqlen or a sliding window")
+    rank = q.dim()
+    q, k, v = (
+        _heads(q, n.attr("q_num_heads")),
+        _heads(k, n.attr("kv_num_heads")),
+        _heads(v, n.attr("kv_num_heads")),
+    )
+    scale = n.attr("scale") or 1 / math.sqrt(q.shape[3])
+    root = math.sqrt(scale)  # applied to q and k each, as the reference does
+    k = torch.cat([past_k, k], 2) if past_k is not None else k
+    v = torch.cat([past_v, v], 2) if past_v is not None else v
+    present_k, present_v = k, v
+    lq, lk = q.shape[2], k.shape[2]
+    bias = torch.zeros(lq, lk, dtype=q.dtype)
+    if mask is not None and mask.shape[-1] < lk:  # a short mask is padded as masked
+        fill = False if mask.dtype == torch.bool else -math.inf
+        mask = F.pad(mask, [0, lk - mask.shape[-1]], value=fill)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.where(mask, 0.0, -math.inf).to(q.dtype)
+    if n.attr("is_causal", 0):
+        offset = past_k.shape[2] if past_k is not None else 0
+        allowed = torch.arange(lk).reshape(1, lk) <= torch.arange(lq).reshape(lq, 1) + offset
+        base = mask if mask is not None else bias
+        bias = base + torch.where(allowed, 0.0, -math.inf).to(q.dtype)
+    elif mask is not None:
+        bias = bias + mask
+    if q.shape[1] != k.shape[1] and q.shape[1] % k.shape[1] == 0:  # grouped-query attention
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    qk = (q * root) @ (k * root).transpose(-1, -2)
+    softcap = n.attr("softcap", 0.0)
+    if softcap and softcap > 0:
+        qk = torch.tanh(qk / softcap) * softcap
+    with_bias = qk + bias
+    precision = n.attr("softmax_precision")
+    scores = with_bias.to(DTYPES[precision]) if precision in DTYPES else with_bias
+    probs = torch.softmax(scores, -1)
+    all_masked = torch.isneginf(bias.amax(-1, keepdim=True))
+    probs = torch.where(all_masked, 0.0, probs).to(q.dtype)
+    mode = n.attr("qk_matmul_output_mode", 0)
+    qk_out = {2: with_bias, 3: probs}.get(mode, qk).to(q.dtype)
+    y = probs @ v
+    if rank == 3:
+        y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+    return (y, present_k, present_v, qk_out)[: n.n_outputs]
+
+
 def _xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.logical_xor(a, b)
 
@@ -1306,6 +1368,7 @@ OPS: dict[str, Callable[[OnnxNode], Any]] = {
     "BitwiseNot": lambda n: _wide_uint(torch.bitwise_not, T(n.inputs[0])),  # ~a
     "CumProd": _cumprod,  # running product along axis (exclusive, reverse)
     "NonZero": _non_zero,  # indices of non-zeros, [rank, count] (eager only)
+    "Attention": _attention,  # softmax(q k^T * scale + mask) v, GQA, KV cache, softcap
     "Resize": _resize,  # interpolate: nearest, (bi/tri)linear, bicubic, common coordinate modes
     # graphopt's own, made at import (onnx_import.fuse_linear): MatMul(x, W) [+ b], W stored as W^T
     "graphopt::Linear": lambda n: F.linear(T(n.inputs[0]), T(n.inputs[1]), T(n.input(2))),
