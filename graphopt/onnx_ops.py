@@ -1204,8 +1204,17 @@ def _attention(n: OnnxNode) -> Any:
     if q.shape[1] != k.shape[1] and q.shape[1] % k.shape[1] == 0:  # grouped-query attention
         k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
-    qk = (q * root) @ (k * root).transpose(-1, -2)
     softcap = n.attr("softcap", 0.0)
+    plain = mask is None and past_k is None and not (softcap and softcap > 0)
+    if plain and n.attr("softmax_precision") is None and n.n_outputs <= 3:
+        # the form torch's exporter writes for SDPA: back to aten.scaled_dot_product_attention,
+        # what graphopt's attention pattern and kernels take (no row can be fully masked here)
+        causal = bool(n.attr("is_causal", 0))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        if rank == 3:
+            y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+        return (y, present_k, present_v)[: n.n_outputs]
+    qk = (q * root) @ (k * root).transpose(-1, -2)
     if softcap and softcap > 0:
         qk = torch.tanh(qk / softcap) * softcap
     with_bias = qk + bias

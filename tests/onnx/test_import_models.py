@@ -163,3 +163,35 @@ def test_imported_layers_are_aten_linear_like_a_torch_capture(exported, name) ->
         return sum(n.target is torch.ops.aten.linear.default for n in gm.graph.nodes)
 
     assert count(graphopt.capture(str(path))) == count(graphopt.capture(model, inputs)) > 0
+
+
+class _CausalSelfAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, s, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return y.transpose(1, 2).reshape(b, s, 16)
+
+
+def test_opset23_attention_from_sdpa_round_trips(tmp_path: Path) -> None:
+    # torch.onnx at opset 23 writes SDPA as one Attention node; it comes back as SDPA
+    torch.manual_seed(0)
+    model, path = _CausalSelfAttention().eval(), tmp_path / "sdpa.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 5, 16),), str(path), dynamo=True, opset_version=23,
+                          dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)  # fmt: skip
+    assert "Attention" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    compiled = graphopt.compile(path, pipeline="-O2", on_fail="raise")
+    gm = graphopt.capture(path)
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    assert any(n.target is sdpa for n in gm.graph.nodes)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert _rel(_flat(compiled(x))[0], ref) < 1e-5
+    assert _rel(_flat(compiled(x))[0], _ort(path, (x,))[0]) < 1e-5
