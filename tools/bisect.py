@@ -463,9 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="find the first pass that breaks its contract, the rewrite inside it and "
         "the first diverging node; --repro writes a standalone script that shows it",
     )
-    p.add_argument("model", help="zoo name or path/to/file.py:factory")
-    p.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
-    p.add_argument("--pipeline", default="-O1", help="-O0..-O3 or passes, e.g. 'cleanup,fold-bn'")
+    debug.model_arguments(p, run_options=False)
     p.add_argument("--repro", metavar="DIR", default=None, help="write repro.py + tensors.pt here")
     p.add_argument("--out", default=None, help="output folder (default debug-out/<model>-<time>)")
     return p

@@ -42,12 +42,19 @@ WORST_NODES = 20
 _METRICS = ("max_abs", "rel_l2", "cosine", "sqnr")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="zoo name or path/to/file.py:factory")
+def model_arguments(p: argparse.ArgumentParser, *, run_options: bool = True) -> None:
+    """MODEL, --batch and --pipeline (and --on-fail, --max-rewrites): what every debugging
+    command (debug, debug bisect, report) takes the same way."""
+    p.add_argument("model", help="zoo name, path/to/file.py:factory or model.onnx")
     p.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
     p.add_argument("--pipeline", default="-O1", help="-O0..-O3 or passes, e.g. 'cleanup,fold-bn'")
-    p.add_argument("--on-fail", choices=("rollback", "raise"), default="rollback")
-    p.add_argument("--max-rewrites", type=int, default=None, help="stop after N rewrites")
+    if run_options:
+        p.add_argument("--on-fail", choices=("rollback", "raise"), default="rollback")
+        p.add_argument("--max-rewrites", type=int, default=None, help="stop after N rewrites")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    model_arguments(p)
     p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
     p.add_argument("--print-after", metavar="PASS", default=None, help="IR after the named pass")
     p.add_argument("--print-changed", action="store_true", help="diff the IR of changing passes")

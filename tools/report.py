@@ -55,11 +55,7 @@ MAX_MISSES = 200  # near-miss rows shown; the counts cover all of them
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="zoo name or path/to/file.py:factory")
-    p.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
-    p.add_argument("--pipeline", default="-O1", help="-O0..-O3 or passes, e.g. 'cleanup,fold-bn'")
-    p.add_argument("--on-fail", choices=("rollback", "raise"), default="rollback")
-    p.add_argument("--max-rewrites", type=int, default=None, help="stop after N rewrites")
+    debug.model_arguments(p)
     p.add_argument("-o", "--output", default=None, help="the HTML file (default: in the folder)")
     p.add_argument("--out", default=None, help="output folder (default report-out/<model>-<time>)")
 

@@ -3,7 +3,6 @@ contract of graphopt's own outputs, judged against an eager float64 run of the o
 
 from __future__ import annotations
 
-import copy
 import functools
 import operator
 from pathlib import Path
@@ -11,10 +10,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
+from ort_runs import float64_run, ort_run
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -53,20 +52,6 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("onnx_export")
 
 
-def _ort(model: onnx.ModelProto, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
-    return [torch.from_numpy(np.asarray(y)) for y in session.run(None, feeds)]
-
-
-def _float64(model: nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
-    """The original model run eagerly in float64: graphopt plays no part in it."""
-    wide = copy.deepcopy(model).double().eval()
-    args = [t.double() if t.is_floating_point() else t for t in inputs]
-    with torch.no_grad():
-        return [t for t in pytree.tree_leaves(wide(*args)) if isinstance(t, torch.Tensor)]
-
-
 def _leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
@@ -90,9 +75,9 @@ def test_zoo_exports_within_rounding_contract(name: str, pipeline: str, tmp: Pat
     assert all(n.domain in ("", "ai.onnx") for n in exported.graph.node)
     for batch in (BATCH, OTHER_BATCH):  # the other batch size runs on the same file
         _, inputs = zoo.get(name, batch=batch)
-        ref = _float64(model, inputs)
+        ref = float64_run(model, inputs)
         own = _worst(_leaves(compiled(*inputs)), ref)
-        got = _ort(exported, inputs)
+        got = ort_run(exported, inputs)
         assert got[0].shape[0] == batch
         # the rounding contract: no worse than twice graphopt's own error, plus the fp32 floor
         assert _worst(got, ref) <= 2 * own + FP32_FLOOR, (batch, own)
@@ -106,9 +91,9 @@ def test_every_fused_op_exports_as_standard_onnx(name: str, tmp: Path) -> None:
     exported = _exported(name, FUSE_ALL, tmp)
     assert all(n.domain in ("", "ai.onnx") for n in exported.graph.node)
     _, inputs = zoo.get(name, batch=OTHER_BATCH)
-    ref = _float64(model, inputs)
+    ref = float64_run(model, inputs)
     own = _worst(_leaves(compiled(*inputs)), ref)
-    assert _worst(_ort(exported, inputs), ref) <= 2 * own + FP32_FLOOR
+    assert _worst(ort_run(exported, inputs), ref) <= 2 * own + FP32_FLOOR
 
 
 class _ScaledSoftmax(nn.Module):
@@ -124,9 +109,9 @@ def test_softmax_op_exports(tmp: Path) -> None:
     path = graphopt.export_onnx(compiled, tmp / "softmax.onnx")
     exported = onnx.load(str(path))
     other = (torch.randn(5, 4, 8, 8), torch.randn(5, 1, 1, 8))
-    ref = _float64(model, other)
+    ref = float64_run(model, other)
     own = _worst(_leaves(compiled(*other)), ref)
-    assert _worst(_ort(exported, other), ref) <= 2 * own + FP32_FLOOR
+    assert _worst(ort_run(exported, other), ref) <= 2 * own + FP32_FLOOR
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -192,8 +177,8 @@ def test_int8_exports_as_qdq(name: str, tmp: Path) -> None:
     # ONNX Runtime runs it, within the int8 budget of float and close to graphopt's int8 model
     for batch in (BATCH, OTHER_BATCH):
         _, inputs = zoo.get(name, batch=batch)
-        got = _ort(exported, inputs)
-        ref = _float64(model, inputs)
+        got = ort_run(exported, inputs)
+        ref = float64_run(model, inputs)
         own = _leaves(compiled(*inputs))
         assert min(metrics.cosine(y, r) for y, r in zip(got, ref)) >= 0.99
         assert min(metrics.cosine(y, r) for y, r in zip(got, own)) >= 0.999
@@ -246,7 +231,7 @@ def test_pruned_weights_stay_zero(tmp: Path) -> None:
     _, other = zoo.get("mlp", batch=OTHER_BATCH)
     ref = reference_run(compiled.gm, list(other))[0]
     own = _worst(_leaves(compiled(*other)), ref)
-    assert _worst(_ort(exported, other), ref) <= 2 * own + FP32_FLOOR
+    assert _worst(ort_run(exported, other), ref) <= 2 * own + FP32_FLOOR
 
 
 def test_graph_module_and_static_batch(tmp: Path) -> None:
@@ -256,8 +241,8 @@ def test_graph_module_and_static_batch(tmp: Path) -> None:
     exported = onnx.load(str(path))
     assert _symbolic_batch(exported)
     _, other = zoo.get("mlp", batch=OTHER_BATCH)
-    ref = _float64(model, other)
-    assert _worst(_ort(exported, other), ref) <= FP32_FLOOR
+    ref = float64_run(model, other)
+    assert _worst(ort_run(exported, other), ref) <= FP32_FLOOR
     _, compiled = _compiled("mlp", "-O1")
     with pytest.raises(graphopt.OnnxExportError, match="example_inputs"):
         graphopt.export_onnx(compiled, tmp / "static.onnx", dynamic_batch=False)
@@ -280,8 +265,8 @@ def test_opset_choice(opset: int, tmp: Path) -> None:
     exported = onnx.load(str(path))
     assert {o.domain: o.version for o in exported.opset_import}[""] == opset
     _, inputs = zoo.get("mlp", batch=OTHER_BATCH)
-    got = _ort(exported, inputs)
-    assert metrics.cosine(got[0], _float64(model, inputs)[0]) >= 0.99
+    got = ort_run(exported, inputs)
+    assert metrics.cosine(got[0], float64_run(model, inputs)[0]) >= 0.99
 
 
 def test_bad_object_is_a_clear_error(tmp: Path) -> None:
@@ -316,7 +301,7 @@ def test_cli_compile_writes_onnx(tmp: Path) -> None:
     exported = onnx.load(str(path))
     onnx.checker.check_model(exported, full_check=True)
     model, inputs = zoo.get("mlp", batch=OTHER_BATCH)
-    assert _worst(_ort(exported, inputs), _float64(model, inputs)) <= FP32_FLOOR
+    assert _worst(ort_run(exported, inputs), float64_run(model, inputs)) <= FP32_FLOOR
 
 
 @pytest.mark.parametrize(
@@ -336,8 +321,8 @@ def test_int8_variants_export(options: str, tmp: Path) -> None:
     types = {n.op_type for n in exported.graph.node}
     assert "DequantizeLinear" in types  # the weights stay int8 behind a DequantizeLinear
     _, other = zoo.get("mlp", batch=OTHER_BATCH)
-    got, own = _ort(exported, other), _leaves(compiled(*other))
-    assert metrics.cosine(got[0], _float64(model, other)[0]) >= 0.99
+    got, own = ort_run(exported, other), _leaves(compiled(*other))
+    assert metrics.cosine(got[0], float64_run(model, other)[0]) >= 0.99
     assert metrics.cosine(got[0], own[0]) >= 0.9999
 
 
@@ -346,10 +331,10 @@ def test_fp16_graph_exports_within_its_floor(tmp: Path) -> None:
     compiled = graphopt.compile(model, inputs, pipeline="-O1,precision{dtype=fp16}")
     path = graphopt.export_onnx(compiled, tmp / "fp16.onnx")
     _, other = zoo.get("mlp", batch=OTHER_BATCH)
-    ref = _float64(model, other)
+    ref = float64_run(model, other)
     own = _worst(_leaves(compiled(*other)), ref)
     assert own > FP32_FLOOR  # the fp16 graph really computes in fp16
-    assert _worst(_ort(onnx.load(str(path)), other), ref) <= 2 * own + metrics.rounding_floor(
+    assert _worst(ort_run(onnx.load(str(path)), other), ref) <= 2 * own + metrics.rounding_floor(
         torch.float16
     )
 
@@ -375,7 +360,7 @@ def test_sparse24_linear_exports_as_a_dense_gemm_with_its_zeros(tmp: Path) -> No
     weights = [w for w in _initializers(exported).values() if w.shape == (16, 32)]
     assert len(weights) == 1 and not weights[0][:, 1::2].any()
     x = torch.randn(7, 32)
-    assert _worst(_ort(exported, (x,)), _float64(model, (x,))) <= FP32_FLOOR
+    assert _worst(ort_run(exported, (x,)), float64_run(model, (x,))) <= FP32_FLOOR
 
 
 @torch.library.custom_op("graphopt::test_export_unknown", mutates_args=())

@@ -3,15 +3,13 @@ graphopt.export_onnx -> ONNX Runtime, judged against an eager float64 run of the
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from ort_runs import float64_run, ort_run
 from torch import nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
@@ -33,19 +31,6 @@ def _torch_onnx(model: nn.Module, inputs: tuple[Any, ...], path: Path) -> Path:
     return path
 
 
-def _ort(path: Path, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
-    return [torch.from_numpy(np.asarray(y)) for y in session.run(None, feeds)]
-
-
-def _float64(model: nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
-    wide = copy.deepcopy(model).double().eval()
-    args = [t.double() if t.is_floating_point() else t for t in inputs]
-    with torch.no_grad():
-        return [t for t in pytree.tree_leaves(wide(*args)) if isinstance(t, torch.Tensor)]
-
-
 def _worst(outs: list[Any], refs: list[torch.Tensor]) -> float:
     outs = [t for t in pytree.tree_leaves(outs) if isinstance(t, torch.Tensor)]
     assert len(outs) == len(refs)
@@ -61,10 +46,10 @@ def test_zoo_round_trip_within_contract(name: str, tmp_path: Path) -> None:
     onnx.checker.check_model(onnx.load(str(exported)), full_check=True)
     for batch in (BATCH, OTHER_BATCH):
         _, batch_inputs = zoo.get(name, batch=batch)
-        ref = _float64(model, batch_inputs)
+        ref = float64_run(model, batch_inputs)
         own = _worst(compiled(*batch_inputs), ref)
-        ort_original = _worst(_ort(original, batch_inputs), ref)
-        got = _worst(_ort(exported, batch_inputs), ref)
+        ort_original = _worst(ort_run(original, batch_inputs), ref)
+        got = _worst(ort_run(exported, batch_inputs), ref)
         # graphopt's contract, against the torch model: at most twice graphopt's own error on
         # the imported graph, plus the fp32 floor; and no worse than that next to ONNX
         # Runtime's own run of the original file
@@ -84,6 +69,6 @@ def test_imported_int8_export_loads_in_onnx_runtime(name: str, tmp_path: Path) -
     types = [n.op_type for n in onnx.load(str(exported)).graph.node]
     assert "QuantizeLinear" in types and "DequantizeLinear" in types
     _, other = zoo.get(name, batch=OTHER_BATCH)
-    got = _ort(exported, other)
-    ref = _float64(model, other)
+    got = ort_run(exported, other)
+    ref = float64_run(model, other)
     assert min(metrics.cosine(y, r) for y, r in zip(got, ref)) >= 0.99
