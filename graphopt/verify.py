@@ -51,7 +51,7 @@ def _bitwise_equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _judge_value(
+def judge_value(
     contract: Contract, after: Any, before: Any, ref: Any
 ) -> tuple[bool, dict[str, float], str]:
     """Does one value keep the contract? Returns (ok, numbers, explanation)."""
@@ -109,7 +109,7 @@ class Verifier:
             return Verdict(False, error, f"{len(after)} outputs instead of {len(before)}")
         spent: dict[str, Any] = {}
         for i, (a, b, r) in enumerate(zip(after, before, self.ref_outputs)):
-            ok, numbers, why = _judge_value(contract, a, b, r)
+            ok, numbers, why = judge_value(contract, a, b, r)
             for key, value in numbers.items():
                 worse = min if LOSSY_METRICS.get(key, False) else max
                 spent[key] = worse(spent[key], value) if key in spent else value
@@ -196,12 +196,12 @@ class Verifier:
             if origin not in before_vals:
                 continue
             ref, before = self.ref_values[origin], before_vals[origin]
-            ok, _, why = _judge_value(contract, after_vals[node.name], before, ref)
+            ok, _, why = judge_value(contract, after_vals[node.name], before, ref)
             if ok:
                 continue
-            local_env = self._local_inputs(node, contract, after_vals, before_by_origin, before_raw)
+            local_env = self.local_inputs(node, contract, after_vals, before_by_origin, before_raw)
             local = runner.run_one(node, local_env)
-            local_ok, _, local_why = _judge_value(contract, local, before, ref)
+            local_ok, _, local_why = judge_value(contract, local, before, ref)
             if not local_ok:
                 return self._error(pass_name, contract, verdict, node, origin, "local", local_why)
             if first_inherited is None:
@@ -217,7 +217,7 @@ class Verifier:
             metrics=verdict.metrics,
         )
 
-    def _local_inputs(
+    def local_inputs(
         self,
         node: Node,
         contract: Contract,

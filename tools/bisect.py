@@ -45,7 +45,7 @@ from graphopt.ir import original_name, short_target
 from graphopt.pass_manager import PassManager, PassStep
 from graphopt.passes_base import Contract, Pass, PipelineItem, parse_pipeline
 from graphopt.tools import debug
-from graphopt.verify import Verifier, _judge_value
+from graphopt.verify import Verifier, judge_value
 
 Progressed = Callable[[int, int, str], None]  # (trials done, trials estimated, what is running)
 
@@ -437,11 +437,11 @@ def node_numbers(
     if origin is None or replaced is None or origin not in verifier.ref_values:
         return replaced, None, None, None
     value = after_vals[node.name]
-    if kind == "local":  # the same correct inputs localize fed it (verify.Verifier._local_inputs)
-        env = verifier._local_inputs(node, contract, after_vals, before_by_origin, before_raw)
+    if kind == "local":  # the same correct inputs localize fed it (verify.Verifier.local_inputs)
+        env = verifier.local_inputs(node, contract, after_vals, before_by_origin, before_raw)
         value = Runner(step.after).run_one(node, env)
     before, ref = before_raw[replaced], verifier.ref_values[origin]
-    _, numbers, _ = _judge_value(contract, value, before, ref)
+    _, numbers, _ = judge_value(contract, value, before, ref)
     metric = contract_metric(contract)
     if contract.kind == "rounding":
         return replaced, metric, numbers.get("error"), numbers.get("allowed")

@@ -317,7 +317,7 @@ def node_metrics(value: Any, ref: Any) -> dict[str, float] | None:
 
 def local_inputs(node: Node, values: dict[str, Any], ref_values: dict[str, Any]) -> dict[str, Any]:
     """Inputs of ``node`` as the float64 reference says they should be, rounded to the dtype the
-    node reads (as ``Verifier._local_inputs`` does for rounding contracts)."""
+    node reads (as ``Verifier.local_inputs`` does for rounding contracts)."""
     env: dict[str, Any] = {}
     for inp in node.all_input_nodes:
         value = values[inp.name]
