@@ -298,32 +298,44 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
         self.tokens: list[str] = []
+        self.columns: list[int] = []  # 1-based column of each token, for error messages
         pos = 0
         while pos < len(text):
             if text[pos:].strip() == "":
                 break
             m = self._TOKEN.match(text, pos)
             if not m:
+                column = pos + len(text[pos:]) - len(text[pos:].lstrip()) + 1
                 raise PipelineError(
-                    f"cannot parse pipeline {text!r} at character {pos}: {text[pos : pos + 10]!r}"
+                    f"pipeline {text!r}: cannot read {text[column - 1 : column + 9]!r} at "
+                    f"column {column}; a pipeline is pass names separated by ',', options as "
+                    "name{key=value,...}"
                 )
             self.tokens.append(m.group(1))
+            self.columns.append(m.start(1) + 1)
             pos = m.end()
         self.i = 0
 
     def peek(self) -> str | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
 
+    def _where(self) -> str:
+        if self.i >= len(self.tokens):
+            return f"end of text at column {len(self.text.rstrip()) + 1}"
+        return f"{self.tokens[self.i]!r} at column {self.columns[self.i]}"
+
     def take(self, expected: str | None = None) -> str:
         tok = self.peek()
         punctuation = tok is not None and tok in "{}(),=" and expected is None
         if tok is None or punctuation or (expected is not None and tok != expected):
             want = f"{expected!r}" if expected else "a pass name"
-            raise PipelineError(f"pipeline {self.text!r}: expected {want}, got {tok!r}")
+            raise PipelineError(f"pipeline {self.text!r}: expected {want}, got {self._where()}")
         self.i += 1
         return tok
 
     def parse_list(self, end: str | None) -> list[PipelineItem]:
+        """Items separated by ',' up to ``end`` (None: the end of the text). Anything else
+        after an item is an error: nothing the user wrote is silently dropped."""
         items: list[PipelineItem] = []
         if self.peek() == end:
             return items
@@ -333,7 +345,11 @@ class _Parser:
                 self.take(",")
                 continue
             if self.peek() != end:
-                self.take(end)
+                closing = "the end of the pipeline" if end is None else repr(end)
+                raise PipelineError(
+                    f"pipeline {self.text!r}: unexpected {self._where()}; separate passes "
+                    f"with ',' (expected ',' or {closing})"
+                )
             return items
 
     def parse_item(self) -> list[PipelineItem]:
@@ -357,5 +373,10 @@ class _Parser:
                 options[key] = self.take()
                 if self.peek() == ",":
                     self.take(",")
+                elif self.peek() != "}":
+                    raise PipelineError(
+                        f"pipeline {self.text!r}: unexpected {self._where()} in the options of "
+                        f"{name!r}; separate options with ',' and close them with '}}'"
+                    )
             self.take("}")
         return [make_pass(name, options)]

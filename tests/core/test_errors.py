@@ -90,7 +90,7 @@ def test_bad_option_value_and_syntax() -> None:
         graphopt.parse_pipeline("fold-constants{max_bytes=lots}")
     with pytest.raises(PipelineError, match="expected"):
         graphopt.parse_pipeline("dce,,cse")
-    with pytest.raises(PipelineError, match="cannot parse"):
+    with pytest.raises(PipelineError, match="cannot read ';cse' at column 4"):
         graphopt.parse_pipeline("dce;cse")
 
 
