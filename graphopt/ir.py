@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -104,6 +104,92 @@ def escapes_to_output(node: Node) -> bool:
     return False
 
 
+def written_args(node: Node) -> list[Node]:
+    """The graph values ``node`` writes into in place: its schema's ``Tensor(a!)`` arguments
+    (``add_``'s self, ``copy_``'s destination, an ``out=`` tensor)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None or not schema.is_mutable:
+        return []
+    written: list[Node] = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        written += [v for v in values if isinstance(v, Node)]
+    return written
+
+
+def written_tensors(op: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors a call of ``op`` on these arguments writes into in place (run-time values:
+    the dynamic counterpart of ``written_args``)."""
+    schema = getattr(op, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return []
+    written: list[torch.Tensor] = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        written += [v for v in values if isinstance(v, torch.Tensor) and v.numel()]
+    return written
+
+
+def storage_key(t: torch.Tensor) -> int | None:
+    """Identifies the memory behind a tensor: views and aliases share it. None for tensors
+    without one storage (sparse, some subclasses): those are never matched."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def alias_root(node: Node) -> Node:
+    """The node whose fresh memory ``node`` is a view or alias of (``node`` itself if none).
+
+    ``x.clone()[:, 0]`` has the clone as its root; a placeholder, a weight or any call that
+    allocates its result is its own root."""
+    current = node
+    while True:
+        parent = next((p for p in current.all_input_nodes if _aliases_input(current, p)), None)
+        if parent is None:
+            return current
+        current = parent
+
+
+def written_roots(gm: GraphModule) -> dict[Node, Node]:
+    """Every memory the graph writes into in place: its root (``alias_root``) -> the first node
+    that writes it. Empty for a functional graph, which is what capture produces."""
+    roots: dict[Node, Node] = {}
+    for node in gm.graph.nodes:
+        for target in written_args(node):
+            roots.setdefault(alias_root(target), node)
+    return roots
+
+
+def is_written(node: Node) -> bool:
+    """Does some node write in place into ``node``'s memory (through any view or alias)?"""
+    stack, seen = [alias_root(node)], set()
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if current in written_args(user):
+                return True
+            if user not in seen and _aliases_input(user, current):
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def touches_written(node: Node) -> bool:
+    """Does ``node``, or one of its inputs, share memory that some node writes in place? Its
+    value then depends on when it is read: it must not be folded, merged or forwarded. Never
+    true in a captured graph, which is functional; passes keep this check for graphs built by
+    hand."""
+    return any(is_written(n) for n in (node, *node.all_input_nodes))
+
+
 def tensor_val(node: Any) -> torch.Tensor | None:
     """The FakeTensor recorded on a node, or None if the node is not a tensor value."""
     if not isinstance(node, Node):
@@ -140,11 +226,17 @@ def attr_path(gm: GraphModule, target: str) -> Any:
 
 
 def tensors_of(gm: GraphModule) -> Iterable[torch.Tensor]:
-    yield from gm.parameters()
-    yield from gm.buffers()
+    for _, t in named_tensors(gm):
+        yield t
+
+
+def named_tensors(gm: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """Every weight of the module: parameters, buffers and plain tensor attributes."""
+    yield from gm.named_parameters(remove_duplicate=False)
+    yield from gm.named_buffers(remove_duplicate=False)
     for name, value in vars(gm).items():
         if isinstance(value, torch.Tensor) and not name.startswith("_"):
-            yield value
+            yield name, value
 
 
 def snapshot(gm: GraphModule) -> GraphModule:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir import escapes_to_output, is_pure
+from graphopt.ir import escapes_to_output, is_pure, touches_written
 from graphopt.pass_manager import PassContext
 from graphopt.passes_base import Contract, Pass, PassResult, register_pass
 
@@ -55,7 +55,7 @@ class CommonSubexpressionElimination(Pass):
                 continue
             if node.op == "get_attr":
                 key: Any = ("get_attr", node.target)
-            elif is_pure(node):
+            elif is_pure(node) and not touches_written(node):  # written: read-time matters
                 try:
                     key = (node.target, _key(node.args), _key(node.kwargs))
                 except TypeError:

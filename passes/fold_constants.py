@@ -9,7 +9,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.interpreter import Runner
-from graphopt.ir import attr_path, escapes_to_output, is_pure
+from graphopt.ir import attr_path, escapes_to_output, is_pure, touches_written
 from graphopt.pass_manager import PassContext
 from graphopt.passes_base import Contract, Pass, PassResult, register_pass
 
@@ -29,6 +29,8 @@ class FoldConstants(Pass):
 
     Only the frontier of a constant subgraph (a constant with a non-constant user) is stored,
     and only if it is at most ``max_bytes``; creation ops with no tensor input are not stored.
+    A value that some node writes in place (``%c = arange(4); add_(%c, %x)``) is not a constant:
+    storing it would let that write land in the stored weight on every call.
     """
 
     name = "fold-constants"
@@ -40,6 +42,8 @@ class FoldConstants(Pass):
         runner = Runner(gm)
         values: dict[str, Any] = {}
         for node in list(gm.graph.nodes):
+            if touches_written(node):  # a value some node writes in place is not a constant
+                continue
             if node.op == "get_attr":
                 values[node.name] = attr_path(gm, str(node.target))
             elif (

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir import escapes_to_output
+from graphopt.ir import escapes_to_output, touches_written
 from graphopt.pass_manager import PassContext
 from graphopt.passes_base import Contract, Pass, PassResult, register_pass
 from graphopt.rewriter import Rewriter, apply_rules
@@ -30,14 +30,10 @@ def _same_tensor_type(node: Node, src: Node) -> bool:
 
 def _copy_is_removable(node: Node) -> bool:
     """A copy may go only if nothing could tell: its memory never reaches an output (which would
-    then alias a graph input, a weight or another output) and no user mutates it."""
-    if escapes_to_output(node):
-        return False
-    for user in node.users:
-        schema = getattr(user.target, "_schema", None)
-        if schema is not None and schema.is_mutable:
-            return False
-    return True
+    then alias a graph input, a weight or another output), and neither the copy nor its source
+    is written in place anywhere, through any view (``y = clone(x); y[:, 0] = 0`` would write
+    into ``x``, and a write into ``x`` after the copy would show through ``y``)."""
+    return not escapes_to_output(node) and not touches_written(node)
 
 
 def _forward(node: Node, rw: Rewriter) -> bool:
@@ -90,15 +86,17 @@ def _contiguous(node: Node, rw: Rewriter) -> bool:
     return src is not None and src.is_contiguous(memory_format=fmt) and _forward(node, rw)
 
 
+def _lift_fresh_copy(node: Node, rw: Rewriter) -> bool:
+    return _copy_is_removable(node) and _forward(node, rw)
+
+
 RULES = [
     (
         (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default),
         _dropout_eval,
     ),  # dropout(x, p, train=False) -> x
-    (
-        (aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default),
-        _forward,
-    ),  # alias(x) -> x
+    ((aten.alias.default, aten.detach.default), _forward),  # alias(x) -> x
+    ((aten.lift_fresh_copy.default,), _lift_fresh_copy),  # lift_fresh_copy(c) -> c, if unwritten
     ((aten.clone.default,), _clone),  # clone(x) -> x, if no one could tell
     ((aten.to.dtype, aten.to.dtype_layout, aten.to.device), _to_dtype),  # to(x, x.dtype) -> x
     ((aten._to_copy.default,), _to_copy),  # _to_copy(x) with x's own dtype/device -> x

@@ -33,6 +33,8 @@ BINARY = ["add", "mul", "sub"]
 PURE = ["relu", "sigmoid", "tanh", "neg", "mul1", "add", "mul", "sub"]  # what "dup" repeats
 CONSTS = ["scale", "double", "tanh", "flip", "weight"]  # weight-only expressions of "const"
 NOOPS = ["detach", "dropout", "to_same", "reshape_same"]  # always removable by remove-noops
+# ops whose result may be their input itself: the noops, and contiguous of a contiguous value
+MAY_ALIAS = NOOPS + ["contiguous"]
 CATEGORIES = ["unary"] * 3 + ["binary"] * 2 + ["dup", "const", "dead"]
 FAMILIES = {"linear": (8,), "conv": (4, 6, 6)}
 PROPS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -60,10 +62,11 @@ class Program:
 
     def output_aliases(self) -> set[int]:
         """Values that are graph outputs, or whose alias (through ops that may return their
-        input, as eval-mode dropout, detach and same-shape views do) is one."""
+        input, as eval-mode dropout, detach, same-shape views and contiguous of a contiguous
+        value do) is one."""
         aliases = set(self.outputs)
         for op in reversed(self.ops):
-            if op.kind in NOOPS and op.out in aliases:
+            if op.kind in MAY_ALIAS and op.out in aliases:
                 aliases |= set(op.args)
         return aliases
 

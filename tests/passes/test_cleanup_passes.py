@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graphopt.testing import assert_golden, run_pipeline
+from graphopt.capture import normalize
+from graphopt.pass_manager import PassManager
+from graphopt.testing import PassRun, assert_golden, run_pipeline
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -175,3 +177,73 @@ def test_fold_constants_does_not_return_a_stored_buffer() -> None:
     first = run.after(torch.randn(2, 8))[1]
     first.zero_()
     assert run.after(torch.randn(2, 8))[1].abs().sum() > 0  # later calls are not corrupted
+
+
+# -- graphs that write in place (built by hand; a captured graph is functional) -----------------
+
+
+def _inplace_run(model: nn.Module, x: torch.Tensor, pipeline: str) -> PassRun:
+    """``pipeline`` on the graph torch.export makes before functionalization (its in-place ops
+    still there), with the pass manager's checks raising."""
+    gm = torch.export.export(model, (x,), strict=False).module()
+    normalize(gm)
+    after, report = PassManager(pipeline, on_fail="raise").run(gm, [x])
+    return PassRun(gm, after, report, [x])
+
+
+def _assert_exact_and_input_kept(run: PassRun, x: torch.Tensor) -> None:
+    kept = x.clone()
+    _assert_exact(run)
+    assert torch.equal(x, kept), "a run wrote into the caller's input"
+
+
+class CopyWrittenThroughView(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        y[:, 0] = 0  # a write into the copy, through a view: removing the copy writes x
+        z = x.clone()  # never written: removable
+        return x + y + z * 2
+
+
+def test_remove_noops_keeps_a_copy_written_through_a_view() -> None:
+    x = torch.randn(2, 3)
+    run = _inplace_run(CopyWrittenThroughView(), x, "remove-noops")
+    assert_golden(GOLDEN / "remove_noops_written_copy.txt", run.after)
+    assert run.rewrites == 2  # z's clone, and the lift_fresh_copy of the fill value (read only)
+    _assert_exact_and_input_kept(run, x)
+
+
+class WrittenConstant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = torch.arange(4.0) * 2  # weight-only, but written below: not a constant
+        c.add_(x.sum())
+        return x + c + self.w * 0.5  # w * 0.5 is a constant: folded
+
+
+def test_fold_constants_does_not_store_a_value_that_is_written() -> None:
+    x = torch.randn(2, 4)
+    run = _inplace_run(WrittenConstant(), x, "fold-constants")
+    assert_golden(GOLDEN / "fold_constants_written.txt", run.after)
+    assert run.rewrites == 1
+    _assert_exact_and_input_kept(run, x)
+    for _ in range(2):  # later calls see the same values: no write landed in a stored weight
+        assert torch.equal(run.after(x), run.before(x))
+
+
+class WrittenDuplicates(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.clone(), x.clone()  # equal when made, but a is written: not merged
+        a.add_(1)
+        return a + b + x * 3 + x * 3  # the pure duplicate is merged
+
+
+def test_cse_does_not_merge_a_value_that_is_written() -> None:
+    x = torch.randn(2, 4)
+    run = _inplace_run(WrittenDuplicates(), x, "cse")
+    assert_golden(GOLDEN / "cse_written.txt", run.after)
+    assert run.rewrites == 1
+    _assert_exact_and_input_kept(run, x)
