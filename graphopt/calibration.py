@@ -35,6 +35,7 @@ from torch.fx import GraphModule, Node
 
 from graphopt.errors import GraphoptError
 from graphopt.interpreter import Runner
+from graphopt.state import user_placeholders
 
 QMAX = 127
 # Smallest threshold a scale is computed from, so that a scale is never 0 (an all-zero tensor):
@@ -583,7 +584,7 @@ def calibrate(
     needs_histogram = OBSERVERS[observer].needs_histogram
     if needs_histogram and not isinstance(batches, Sequence):
         batches = list(batches)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = user_placeholders(gm)  # a stateful graph's state inputs come from the graph
     phases = ("range", "histogram") if needs_histogram else ("range",)
     total = len(batches) * len(phases) if isinstance(batches, Sequence) else None
     distributed = _distributed(group)

@@ -24,8 +24,11 @@ import torch
 from torch.export import Dim
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphopt.errors import CaptureError
+from graphopt.ir import storage_key, written_args, written_tensors
+from graphopt.state import describe_write, lift_state
 
 aten = torch.ops.aten
 
@@ -85,18 +88,11 @@ def capture(
             f"graphopt captures torch.nn.Module objects, got {type(model).__name__}; "
             "wrap a function in an nn.Module, or pass the path of an ONNX file"
         )
-    args = as_args(example_inputs)
-    kwargs = dict(example_kwargs or {})
+    # every run below works on copies: the user's inputs and buffers are never written
+    args, kwargs = pytree.tree_map(_fresh, (as_args(example_inputs), dict(example_kwargs or {})))
     name = type(model).__name__
     with eval_mode(model), torch.no_grad():
-        try:
-            eager_out = model(*args, **kwargs)
-        except Exception as exc:  # the user's model fails before graphopt did anything
-            raise CaptureError(
-                f"{name}(*example_inputs) fails when run eagerly: {type(exc).__name__}: "
-                f"{_first_line(exc)}{_user_frame(exc)}. Check that example_inputs match the "
-                "model's forward() signature, shapes and dtypes"
-            ) from exc
+        eager_out = _run_eagerly(model, *pytree.tree_map(_fresh, (args, kwargs)), name)
         _register_output_dataclasses(eager_out)
         info: dict[str, Any] = {
             "dynamic_batch": False,
@@ -135,10 +131,75 @@ def capture(
                     StaticShapeWarning,
                     stacklevel=3,
                 )
-    gm = ep.module()
-    normalize(gm)
+    gm = graph_of(ep, name)
     info["dynamic_batch"] = info["dynamic_batch"] and _has_symbolic_batch(gm)
     gm.meta["graphopt_capture"] = info
+    return gm
+
+
+def _run_eagerly(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+) -> Any:
+    """Run the user's model once (to report a failing model before graphopt did anything) on
+    copies of its buffers, with a guard that refuses writes into its parameters."""
+    buffers = {k: b.clone() for k, b in model.named_buffers(remove_duplicate=False)}
+    try:
+        with _ParameterGuard(model, name):
+            return torch.func.functional_call(model, buffers, args, kwargs, strict=False)
+    except CaptureError:
+        raise
+    except Exception as exc:  # the user's model fails before graphopt did anything
+        raise CaptureError(
+            f"{name}(*example_inputs) fails when run eagerly: {type(exc).__name__}: "
+            f"{_first_line(exc)}{_user_frame(exc)}. Check that example_inputs match the "
+            "model's forward() signature, shapes and dtypes"
+        ) from exc
+
+
+class _ParameterGuard(TorchDispatchMode):
+    """Refuses, before it happens, any in-place write into one of the model's parameters:
+    graphopt folds parameters as constants, and compile never changes the user's model."""
+
+    def __init__(self, model: torch.nn.Module, name: str) -> None:
+        super().__init__()
+        self.name = name
+        keys = {k: storage_key(p) for k, p in model.named_parameters(remove_duplicate=False)}
+        self.params = {key: k for k, key in keys.items() if key is not None}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for t in written_tensors(func, args, kwargs):
+            key = storage_key(t)
+            param = self.params.get(key) if key is not None else None
+            if param is not None:
+                raise CaptureError(
+                    f"{self.name}.forward writes into its parameter {param!r} in place ({func}); "
+                    "graphopt treats parameters as constants and never changes the user's "
+                    "model. Register it as a buffer if it is state, or write the update out of "
+                    "place"
+                )
+        return func(*args, **kwargs)
+
+
+def graph_of(ep: Any, name: str) -> GraphModule:
+    """The IR of an exported program: functional (in-place ops turned into data flow by
+    torch.export's functionalization, only where the program has any), guards dropped, and
+    the buffers and inputs the model updates threaded through as graph inputs and outputs
+    (graphopt.state)."""
+    writes = [n for n in ep.graph_module.graph.nodes if written_args(n)]
+    if writes:
+        try:
+            with _quiet_failures():
+                ep = ep.run_decompositions({})
+        except Exception as exc:
+            raise CaptureError(
+                f"{name}.forward writes into tensors in place ({describe_write(writes[0])}) and "
+                f"torch.export could not turn that into data flow: {type(exc).__name__}: "
+                f"{_first_line(exc)}. Write it out of place (y = x + 1 instead of x += 1)"
+            ) from None
+    gm = ep.module()
+    normalize(gm)
+    lift_state(gm, name)
     return gm
 
 

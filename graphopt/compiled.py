@@ -14,9 +14,10 @@ import torch
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from graphopt.capture import _batch_dims, _export, normalize
+from graphopt.capture import _batch_dims, _export, graph_of
 from graphopt.errors import InputMismatchError, SerializationError
 from graphopt.ops import executable
+from graphopt.state import StateBinding, StatefulProgram, is_stateful
 
 FORMAT = "graphopt-model/1"
 
@@ -148,6 +149,9 @@ class CompiledModule(torch.nn.Module):
         super().__init__()
         self.gm = gm  # the optimized graph: saved, exported and reported
         self._exec = executable(gm)  # the same graph calling graphopt ops without the dispatcher
+        # a model that updates buffers or writes inputs: the graph threads them through, and the
+        # binding writes them back once per call (its buffers are the graph's own copies)
+        self._state = StateBinding(gm) if is_stateful(gm) else None
         self.signature = signature
         self.report = report
         self.pipeline = pipeline
@@ -156,6 +160,8 @@ class CompiledModule(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.signature.check(args, kwargs)
         with torch.no_grad():  # compiled models are for inference: weights are folded constants
+            if self._state is not None:
+                return self._state(self._exec, self.gm, args, kwargs)
             return self._exec(*args, **kwargs)
 
     @property
@@ -187,11 +193,18 @@ def save(compiled: CompiledModule, path: str | Path) -> None:
             "graphopt.save: models with non-tensor inputs cannot be saved yet; make them tensors "
             "or constants of the model"
         )
-    in_spec = compiled.gm._in_spec  # type: ignore[attr-defined]
+    # a stateful graph is saved as a module that updates its buffers in place, which load
+    # (like capture) turns back into a pure graph
+    program = StatefulProgram(compiled.gm) if is_stateful(compiled.gm) else compiled.gm
+    in_spec = (
+        program.binding.in_spec if isinstance(program, StatefulProgram) else compiled.gm._in_spec
+    )
     args, kwargs = _example_inputs(sig, in_spec)
-    dynamic = _batch_dims(compiled.gm, args, kwargs) if sig.dynamic_batch else None
+    dynamic = _batch_dims(program, args, kwargs) if sig.dynamic_batch else None
+    if isinstance(program, StatefulProgram) and isinstance(dynamic, tuple):
+        dynamic = {"args": dynamic}  # its forward(*args, **kwargs)
     try:
-        ep = _export(compiled.gm, args, kwargs, dynamic)
+        ep = _export(program, args, kwargs, dynamic)
         buffer = io.BytesIO()
         torch.export.save(ep, buffer)
     except Exception as exc:
@@ -243,8 +256,7 @@ def load(path: str | Path) -> CompiledModule:
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); recompile "
             "the model and save it again"
         ) from None
-    gm = ep.module()
-    normalize(gm)
+    gm = graph_of(ep, str(path))
     s = meta["signature"]
     sig = InputSignature(
         s["n_args"],

@@ -58,6 +58,17 @@ class PassError(GraphoptError):
     """A pass crashed (raised an exception) while rewriting the graph."""
 
 
+class MutationError(GraphoptError):
+    """A graph wrote into a tensor it must not change (a weight, or an input it does not own);
+    ``node``, ``op`` and ``target`` say which node wrote into what."""
+
+    def __init__(self, message: str, *, node: str, op: str, target: str) -> None:
+        super().__init__(message)
+        self.node = node
+        self.op = op
+        self.target = target
+
+
 class EquivalenceError(GraphoptError):
     """A pass broke its numerical contract; carries the evidence.
 

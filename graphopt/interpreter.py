@@ -14,6 +14,10 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from graphopt.errors import MutationError
+from graphopt.ir import named_tensors, short_target, storage_key, written_roots, written_tensors
+from graphopt.state import with_state
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -49,6 +53,9 @@ class Runner(torch.fx.Interpreter):
         self.record = record
         self.expand = expand
         self.values: dict[str, Any] = {}
+        self._weights: dict[int, str] | None = None  # storage -> weight name, built on first write
+        self._fresh_attrs: dict[str, torch.Tensor | None] = {}  # written weights, copied per run
+        self._inputs: dict[int, str] = {}  # storage -> the caller's input, this run
 
     def run_node(self, n: Node) -> Any:
         self._node = n
@@ -59,17 +66,46 @@ class Runner(torch.fx.Interpreter):
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         value = super().get_attr(target, args, kwargs)
+        if target in self._fresh_attrs:  # a weight the graph writes: this run's own copy
+            if self._fresh_attrs[target] is None:
+                self._fresh_attrs[target] = value.clone()
+            value = self._fresh_attrs[target]
         return _promote(value) if self.reference else value
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if self.reference:
             args, kwargs = _promote(args), _promote(kwargs)
+        self._refuse_writes(target, args, kwargs)
         if self.expand and target is _fused_op():
             return self._run_fused(args[0], args[1])
         result = super().call_function(target, args, kwargs)
         # factory ops without a dtype (zeros, ones, full) make float32 even here: promote their
         # results once, so later in-place writes through views land in the tensor others read
         return _promote(result) if self.reference else result
+
+    def _refuse_writes(self, target: Any, args: Any, kwargs: Any) -> None:
+        """A node about to write into a weight (a constant, parameter or buffer of the graph) or
+        into a caller's input is stopped before it does: the weights are shared with the
+        user's model and with the graph a pass started from, so such a write could never be
+        rolled back. (What the graph admits to writing got a copy of its own in ``run_graph``;
+        this catches the writes the graph analysis cannot see.)"""
+        if self._weights is None:
+            self._weights = {}
+            for name, t in named_tensors(self.module):
+                key = storage_key(t) if t.numel() else None
+                if key is not None:
+                    self._weights.setdefault(key, f"the weight {name!r}")
+        for t in written_tensors(target, args, kwargs):
+            key = storage_key(t)
+            what = (self._weights.get(key) or self._inputs.get(key)) if key is not None else None
+            if what is not None:
+                raise MutationError(
+                    f"%{self._node.name} ({short_target(self._node)}) writes into {what} in "
+                    "place; a graphopt graph never changes its weights or the caller's tensors",
+                    node=self._node.name,
+                    op=short_target(self._node),
+                    target=what,
+                )
 
     def _run_fused(self, inputs: list[Any], program: str) -> list[Any]:
         from graphopt.ops import program_of
@@ -86,7 +122,25 @@ class Runner(torch.fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
     def run_graph(self, flat_inputs: Sequence[Any]) -> list[Any]:
-        inputs = [_promote(x) for x in flat_inputs] if self.reference else list(flat_inputs)
+        """Run on ``flat_inputs`` (the user's inputs; the state inputs of a stateful graph are
+        fresh copies of its buffers). Every run works on copies of what the graph writes in
+        place (inputs, weights), so it never changes the caller's tensors or the graph's
+        weights, and two runs on the same inputs see the same values. (A captured graph is
+        functional and writes nothing; graphs built by hand may.)"""
+        inputs = with_state(self.module, flat_inputs)
+        roots = written_roots(self.module)
+        self._fresh_attrs = {str(r.target): None for r in roots if r.op == "get_attr"}
+        placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
+        inputs = [
+            x.clone() if isinstance(x, torch.Tensor) and node in roots else x
+            for node, x in zip(placeholders, inputs)
+        ] + inputs[len(placeholders) :]
+        inputs = [_promote(x) for x in inputs] if self.reference else inputs
+        self._inputs = {}
+        for i, (node, x) in enumerate(zip(placeholders, inputs)):
+            key = storage_key(x) if isinstance(x, torch.Tensor) and x.numel() else None
+            if key is not None and node not in roots:
+                self._inputs.setdefault(key, f"graph input {i} (%{node.name})")
         with torch.no_grad():
             out = self.run(*inputs, enable_io_processing=False)
         return list(out) if isinstance(out, (list, tuple)) else [out]
@@ -94,6 +148,7 @@ class Runner(torch.fx.Interpreter):
     def run_one(self, node: Node, env: dict[str, Any]) -> Any:
         """Evaluate ``node`` alone, reading its inputs from ``env`` (node name -> value)."""
         self.env = {n: env[n.name] for n in node.all_input_nodes}
+        self._node = node
         with torch.no_grad():
             return super().run_node(node)
 

@@ -45,6 +45,7 @@ from graphopt.capture import _export, _first_line, as_args, normalize
 from graphopt.compiled import CompiledModule
 from graphopt.errors import OnnxExportError
 from graphopt.ops import ACTIVATIONS, GRAPHOPT_OPS, IMPLS
+from graphopt.state import effects, is_stateful
 
 aten = torch.ops.aten
 G = torch.ops.graphopt
@@ -477,6 +478,13 @@ def export_onnx(
     Raises ``OnnxExportError`` on a bad argument, path or translation failure.
     """
     gm = _resolve(compiled_or_graph)
+    if is_stateful(gm):
+        written = ", ".join(f"{kind} {target}" for kind, target in effects(gm))
+        raise OnnxExportError(
+            f"graphopt.export_onnx: the model updates state on every call ({written}), and an "
+            "ONNX graph has no state; export a model whose forward does not write its buffers "
+            "or inputs, or save it with graphopt.save"
+        )
     out = _check_path(path)
     if opset is not None and (not isinstance(opset, int) or opset < MIN_OPSET):
         raise OnnxExportError(

@@ -471,7 +471,7 @@ def capture_onnx(
     Falls back to static shapes (``StaticShapeWarning``) where export cannot keep them dynamic;
     ``gm.meta["graphopt_capture"]`` records the source file, opsets, cleanup and dynamic dims.
     """
-    from graphopt.capture import StaticShapeWarning, _export, _first_line, as_args, normalize
+    from graphopt.capture import StaticShapeWarning, _export, _first_line, as_args, graph_of
 
     module = source if isinstance(source, OnnxModule) else load_onnx(source)
     if example_kwargs:
@@ -520,8 +520,7 @@ def capture_onnx(
                     StaticShapeWarning,
                     stacklevel=3,
                 )
-    gm = ep.module()
-    normalize(gm)
+    gm = graph_of(ep, module.info["file"])
     info["dynamic_dims"] = _dynamic_dims(gm)
     info["dynamic_batch"] = any(0 in dims for dims in info["dynamic_dims"].values())
     gm.meta["graphopt_capture"] = info

@@ -13,14 +13,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch.fx import GraphModule
+import torch
+from torch.fx import GraphModule, Node
 
-from graphopt.errors import EquivalenceError, GraphoptError, PassError
+from graphopt.errors import EquivalenceError, GraphoptError, MutationError, PassError
 from graphopt.interpreter import native_run
-from graphopt.ir import count_op_nodes, format_graph, snapshot
-from graphopt.passes_base import FixedPoint, Pass, PassResult, PipelineItem, parse_pipeline
+from graphopt.ir import count_op_nodes, format_graph, short_target, snapshot, written_roots
+from graphopt.passes_base import (
+    Contract,
+    FixedPoint,
+    Pass,
+    PassResult,
+    PipelineItem,
+    parse_pipeline,
+)
 from graphopt.rewriter import RewriteBudget, Rewriter, RuleLog
-from graphopt.verify import Verifier
+from graphopt.state import describe_write
+from graphopt.verify import Verifier, bitwise_equal
 
 
 class EquivalenceWarning(UserWarning):
@@ -206,7 +215,13 @@ class PassManager:
         self._inputs = list(flat_inputs)
         self.ctx.inputs = self._inputs
         gm = snapshot(gm)
-        self._outputs = native_run(gm, self._inputs)[0] if self.verify else []
+        # what the graph may write in place: only what the graph it was given writes (nothing,
+        # for a captured graph, which is functional)
+        self._allowed_writes = _written_state(gm)
+        self._outputs = self._run(gm) if self.verify else []
+        # a graph with nondeterministic kernels (GPU atomics) cannot be held to bitwise-equal
+        # reruns; it is held to its rounding floor instead
+        self._reproducible = not self.verify or bitwise_equal(self._outputs, self._run(gm))
         self._aliases = self.verifier.alias_pairs(self._outputs, gm) if self.verifier else set()
         if self.verifier is not None:
             report.baseline_error = self.verifier.output_error(self._outputs)
@@ -275,7 +290,10 @@ class PassManager:
                 record.stats.get(key, 0) + value if isinstance(value, (int, float)) else value
             )
         keep = True
-        if changed and self.verifier is not None:
+        mutation = _mutation_error(candidate, p.name, self._allowed_writes) if changed else None
+        if mutation is not None:
+            keep = self._reject(mutation, record)
+        elif changed and self.verifier is not None:
             t1 = time.perf_counter()
             keep = self._check(gm, candidate, p, record)
             record.verify_s += time.perf_counter() - t1
@@ -322,10 +340,59 @@ class PassManager:
         self._end(record, step)
         return gm
 
+    def _run(self, gm: GraphModule) -> list[Any]:
+        """One run on fresh copies of the inputs and state, with the same random seed each
+        time (so a graph with random ops gives the same outputs twice)."""
+        devices = list(range(torch.cuda.device_count())) if self.ctx.target == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.default_generator.manual_seed(0)
+            for d in devices:
+                torch.cuda.default_generators[d].manual_seed(0)
+            return native_run(gm, self._inputs)[0]
+
+    def _run_twice(self, gm: GraphModule, pass_name: str) -> list[Any]:
+        """Outputs of ``gm``, which must be the same on two runs: a graph that keeps state
+        between calls, or writes into its weights, fails here with the node that does it."""
+        try:
+            first = self._run(gm)
+            second = self._run(gm)
+        except MutationError as exc:
+            raise EquivalenceError(
+                f"pass {pass_name!r} broke the graph: {exc}. A compiled model would change its "
+                f"weights on every call. Leave {pass_name!r} out of the pipeline and report the "
+                "bug",
+                pass_name=pass_name,
+                node=exc.node,
+                op=exc.op,
+                kind="mutation",
+            ) from None
+        same = (
+            bitwise_equal(first, second)
+            if self._reproducible
+            else self.verifier is None or self.verifier.judge(Contract.rounding(), first, second).ok
+        )
+        if same:
+            return first
+        raise _state_error(gm, pass_name, first, second, self._inputs)
+
+    def _reject(self, error: EquivalenceError, record: PassRecord) -> bool:
+        """A pass broke its contract or an invariant: raise, or roll it back with a warning."""
+        if self.on_fail == "raise":
+            raise error
+        record.status = "rolled back"
+        record.message = str(error)
+        if self.verifier is not None:
+            record.error = self.verifier.output_error(self._outputs)
+        warnings.warn(f"rolled back: {error}", EquivalenceWarning, stacklevel=5)
+        return False
+
     def _check(self, before: GraphModule, after: GraphModule, p: Pass, record: PassRecord) -> bool:
         assert self.verifier is not None
         contract = p.contract_for()
-        outputs = native_run(after, self._inputs)[0]
+        try:
+            outputs = self._run_twice(after, p.name)
+        except EquivalenceError as error:
+            return self._reject(error, record)
         verdict = self.verifier.judge(contract, self._outputs, outputs)
         record.error = verdict.error
         record.spent = verdict.metrics
@@ -339,13 +406,76 @@ class PassManager:
             if not verdict.ok
             else self.verifier.aliasing_error(p.name, new_aliases, after)
         )
-        if self.on_fail == "raise":
-            raise error
-        record.status = "rolled back"
-        record.message = str(error)
-        record.error = self.verifier.output_error(self._outputs)
-        warnings.warn(f"rolled back: {error}", EquivalenceWarning, stacklevel=4)
-        return False
+        return self._reject(error, record)
+
+
+def _written_state(gm: GraphModule) -> set[tuple[str, str]]:
+    """The weights and inputs ``gm`` writes in place, as (op, target) pairs."""
+    return {
+        (root.op, str(root.target))
+        for root in written_roots(gm)
+        if root.op in ("get_attr", "placeholder")
+    }
+
+
+def _mutation_error(
+    gm: GraphModule, pass_name: str, allowed: set[tuple[str, str]]
+) -> EquivalenceError | None:
+    """The invariant no pass may break: it never leaves a node writing in place into a
+    constant, parameter, buffer or graph input that the graph it received did not write."""
+    for root, writer in written_roots(gm).items():
+        if root.op not in ("get_attr", "placeholder") or (root.op, str(root.target)) in allowed:
+            continue
+        what = (
+            f"the weight {root.target!r}" if root.op == "get_attr" else f"graph input %{root.name}"
+        )
+        return EquivalenceError(
+            f"pass {pass_name!r} left {describe_write(writer)} writing into {what} in place, "
+            "which the graph it received did not do: the compiled model would change its "
+            "weights or the caller's tensors on every call (passes/README.md, invariant 4). "
+            f"Leave {pass_name!r} out of the pipeline and report the bug",
+            pass_name=pass_name,
+            node=writer.name,
+            op=short_target(writer),
+            kind="mutation",
+        )
+    return None
+
+
+def _state_error(
+    gm: GraphModule, pass_name: str, first: list[Any], second: list[Any], inputs: list[Any]
+) -> EquivalenceError:
+    """Two runs of ``gm`` on the same fresh inputs differ: name the output and the node."""
+    index = next(i for i, (a, b) in enumerate(zip(first, second)) if not bitwise_equal(a, b))
+    writers = list(written_roots(gm).values())
+    if writers:
+        culprit: Node | None = writers[0]
+        how = f"{describe_write(writers[0])} writes in place"
+    else:  # no node admits a write: name the first node whose value changes between runs
+        _, one = native_run(gm, inputs, record=True)
+        _, two = native_run(gm, inputs, record=True)
+        culprit = next(
+            (
+                n
+                for n in gm.graph.nodes
+                if n.name in one and not bitwise_equal(one[n.name], two.get(n.name))
+            ),
+            None,
+        )
+        how = (
+            f"%{culprit.name} ({short_target(culprit)}) is the first node whose value changes"
+            if culprit is not None
+            else "no node admits it"
+        )
+    return EquivalenceError(
+        f"pass {pass_name!r} made the graph stateful: two runs on fresh copies of the same inputs "
+        f"give different values for output {index}; {how}. A compiled model would drift from "
+        f"call to call. Leave {pass_name!r} out of the pipeline and report the bug",
+        pass_name=pass_name,
+        node=culprit.name if culprit is not None else None,
+        op=short_target(culprit) if culprit is not None else None,
+        kind="state",
+    )
 
 
 def _check_invariants(gm: GraphModule, pass_name: str) -> None:

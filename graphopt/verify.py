@@ -36,7 +36,7 @@ def _is_float(x: Any) -> bool:
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _bitwise_equal(a: Any, b: Any) -> bool:
+def bitwise_equal(a: Any, b: Any) -> bool:
     """Equal bit patterns (so -0.0 differs from 0.0); any NaN equals any NaN."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
@@ -47,7 +47,7 @@ def _bitwise_equal(a: Any, b: Any) -> bool:
             return bool((same_bits | (a.isnan() & b.isnan())).all())
         return torch.equal(a, b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_bitwise_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(bitwise_equal(x, y) for x, y in zip(a, b))
     return bool(a == b)
 
 
@@ -56,7 +56,7 @@ def judge_value(
 ) -> tuple[bool, dict[str, float], str]:
     """Does one value keep the contract? Returns (ok, numbers, explanation)."""
     if contract.kind == "exact" or not (_is_float(after) and isinstance(ref, torch.Tensor)):
-        ok = _bitwise_equal(after, before)
+        ok = bitwise_equal(after, before)
         if ok:
             return True, {}, ""
         diff = ""

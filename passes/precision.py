@@ -15,6 +15,7 @@ from graphopt.ir import attr_path, tensor_val
 from graphopt.pass_manager import PassContext
 from graphopt.passes_base import Contract, Pass, PassResult, register_pass
 from graphopt.rewriter import Rewriter
+from graphopt.state import effects, is_stateful
 
 aten = torch.ops.aten
 F32 = torch.float32
@@ -216,6 +217,15 @@ class _Lowering:
         if mutating is not None:
             self.rw.missed("half", mutating, "the graph writes a tensor in place; not lowered")
             return
+        if is_stateful(self.gm):  # verification sees one call; the drift would build up over many
+            written = ", ".join(f"{kind} {target}" for kind, target in effects(self.gm))
+            self.rw.missed(
+                "half",
+                self.gm.graph.output_node(),
+                f"the graph updates state on every call ({written}); in half precision the "
+                "rounding would build up from call to call; not lowered",
+            )
+            return
         for node in list(self.gm.graph.nodes):
             if node._erased or node.op != "call_function":
                 continue
@@ -263,7 +273,8 @@ class Precision(Pass):
       CPU (``NO_HALF_ON_CPU``); each is a near miss of rule ``half`` with the reason.
     * Graph outputs are cast back to their dtype (fp32): inputs, outputs, shapes and dtypes of
       the graph do not change. Integer and bool values are untouched; float64 values too.
-    * A graph that writes tensors in place is left alone.
+    * A graph that writes tensors in place, or updates state (buffers, inputs) on every call,
+      is left alone.
 
     before:  %y = linear(%x, %w, %b); %s = softmax(%y, -1)                     : f32
     after:   %xh = _to_copy(%x, dtype=f16); %yh = linear(%xh, %w_fp16, %b_fp16) : f16

@@ -290,10 +290,14 @@ def _slower_graph(dense: GraphModule, pruned: GraphModule, inputs: list[Any]) ->
     from graphopt.autotune import device_name, measure_all
     from graphopt.fusion import MARGIN
     from graphopt.ops import executable
+    from graphopt.state import with_state
 
     device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-    runs = {"dense": executable(dense), "pruned": executable(pruned)}
-    times = measure_all({k: (lambda g=g: g(*inputs)) for k, g in runs.items()}, device, reps=7)
+    runs = {
+        "dense": (executable(dense), with_state(dense, inputs)),
+        "pruned": (executable(pruned), with_state(pruned, inputs)),
+    }
+    times = measure_all({k: (lambda r=r: r[0](*r[1])) for k, r in runs.items()}, device, reps=7)
     if times["pruned"] < times["dense"] * (1 - MARGIN):
         return None
     return (
