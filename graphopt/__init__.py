@@ -6,9 +6,8 @@ graphopt.save(compiled, "m.graphopt"); graphopt.load("m.graphopt")
 """
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt.*, needed to load saved models)
+import graphopt.passes  # noqa: F401  (registers the built-in passes by name)
 from graphopt.api import compile
-from graphopt.capture import StaticShapeWarning, capture
-from graphopt.compiled import CompiledModule, load, save
 from graphopt.errors import (
     CaptureError,
     EquivalenceError,
@@ -21,23 +20,27 @@ from graphopt.errors import (
     SerializationError,
     UnsupportedOpError,
 )
-from graphopt.ir import format_graph, propagate_meta
-from graphopt.onnx_export import export_onnx
-from graphopt.onnx_import import OnnxModule, load_onnx
-from graphopt.pass_manager import EquivalenceWarning, PassContext, PassManager, Report
-from graphopt.passes_base import (
-    OPT_LEVELS,
-    Contract,
+from graphopt.export.onnx import export_onnx
+from graphopt.frontends.capture import capture
+from graphopt.frontends.exported import StaticShapeWarning
+from graphopt.frontends.onnx_import import OnnxModule, load_onnx
+from graphopt.ir.graph import format_graph, propagate_meta
+from graphopt.ir.rewriter import Rewriter, apply_rules
+from graphopt.pipeline.manager import EquivalenceWarning, PassManager
+from graphopt.pipeline.parse import OPT_LEVELS, parse_pipeline
+from graphopt.pipeline.passes import (
     FixedPoint,
     Pass,
+    PassContext,
     PassResult,
-    parse_pipeline,
     register_group,
     register_pass,
     registered_passes,
 )
-from graphopt.recover import recover
-from graphopt.rewriter import Rewriter, apply_rules
+from graphopt.pipeline.report import Report
+from graphopt.runtime.compiled import CompiledModule, load, save
+from graphopt.runtime.recover import recover
+from graphopt.verification.contracts import Contract
 
 __all__ = [
     "CaptureError",

@@ -8,12 +8,14 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from graphopt import onnx_import
-from graphopt.capture import as_args, capture
-from graphopt.compiled import CompiledModule, InputSignature
 from graphopt.errors import CaptureError, GraphoptError
-from graphopt.pass_manager import Event, PassManager
-from graphopt.passes_base import PipelineItem
+from graphopt.frontends import onnx_import
+from graphopt.frontends.capture import capture
+from graphopt.frontends.exported import as_args
+from graphopt.frontends.signature import InputSignature
+from graphopt.pipeline.manager import Event, PassManager
+from graphopt.pipeline.passes import PipelineItem
+from graphopt.runtime.compiled import CompiledModule
 
 TARGETS = ("auto", "cpu", "cuda")
 

@@ -10,6 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (at most 300 characters): what a
+    graphopt message quotes of a library's error."""
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()[:300]
+    return type(exc).__name__
+
+
 class GraphoptError(Exception):
     """Base class of every error graphopt raises on purpose."""
 
@@ -50,7 +59,7 @@ class UnsupportedOpError(OnnxImportError):
         super().__init__(
             f"{where}: {len(self.ops)} unsupported ONNX op type(s): {'; '.join(parts)}. "
             "Re-export the model with standard ops at opset 13-21, rewrite those nodes with "
-            "onnx-graphsurgeon, or add a converter: graphopt.onnx_ops.OPS['OpType'] = fn"
+            "onnx-graphsurgeon, or add a converter: graphopt.frontends.onnx_ops.OPS['OpType'] = fn"
         )
 
 

@@ -14,10 +14,11 @@ import torch
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from graphopt.capture import capture
-from graphopt.interpreter import native_run, reference_run
-from graphopt.ir import format_graph
-from graphopt.pass_manager import PassManager, Report
+from graphopt.frontends.capture import capture
+from graphopt.ir.graph import format_graph
+from graphopt.pipeline.manager import PassManager
+from graphopt.pipeline.report import Report
+from graphopt.verification.interpreter import native_run, reference_run
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Triton code generation for fused groups (:class:`graphopt.program.Program`).
+"""Triton code generation for fused groups (:class:`graphopt.ir.program.Program`).
 
 A fused group is a straight line of ATen calls. This module turns it into one Triton kernel, writes
 the kernel's source to a disk cache and launches it::
@@ -61,6 +61,7 @@ from typing import Any
 import torch
 
 from graphopt.errors import GraphoptError, SerializationError
+from graphopt.ir.program import Program, Ref
 from graphopt.kernels.codegen_ops import (
     ERF_FALLBACK,
     HELPERS,
@@ -71,7 +72,6 @@ from graphopt.kernels.codegen_ops import (
     Emit,
     TArg,
 )
-from graphopt.program import Program, Ref
 
 __all__ = [
     "SUPPORTED_OPS",

@@ -1,7 +1,10 @@
-"""graphopt's built-in rewrite passes, one pass (or family) per file.
+"""graphopt's built-in rewrite passes: one file per registered pass, named after it.
 
 Importing this package registers every pass by name; ``passes/README.md`` states the invariants
-each pass may assume and must keep.
+each pass may assume and must keep. Libraries the passes share live in ``passes/lib``.
+
+May import: the core stages (graphopt.ir, graphopt.ops, graphopt.verification,
+graphopt.pipeline), never graphopt.tools.
 """
 
 from graphopt.passes import (
@@ -9,20 +12,20 @@ from graphopt.passes import (
     dce,
     fold_bn,
     fold_constants,
+    fuse_attention,
     fuse_epilogue,
+    fuse_gelu,
     fuse_kernels,
+    fuse_layernorm,
     fuse_pointwise,
+    fuse_softmax,
     int8,
     lower_int8,
-    patterns_attention,
-    patterns_gelu,
-    patterns_norm,
-    patterns_softmax,
     precision,
     prune,
     remove_noops,
 )
-from graphopt.passes_base import register_group
+from graphopt.pipeline.passes import register_group
 
 # The cleanup group runs to a fixed point: each pass can expose work for another
 # (remove-noops exposes duplicates to cse, cse and folding leave dead nodes for dce).
@@ -37,15 +40,15 @@ __all__ = [
     "dce",
     "fold_bn",
     "fold_constants",
+    "fuse_attention",
     "fuse_epilogue",
+    "fuse_gelu",
     "fuse_kernels",
+    "fuse_layernorm",
     "fuse_pointwise",
+    "fuse_softmax",
     "int8",
     "lower_int8",
-    "patterns_attention",
-    "patterns_gelu",
-    "patterns_norm",
-    "patterns_softmax",
     "precision",
     "prune",
     "remove_noops",

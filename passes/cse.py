@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir import escapes_to_output, is_pure, touches_written
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Contract, Pass, PassResult, register_pass
+from graphopt.ir.graph import escapes_to_output, is_pure, touches_written
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.verification.contracts import Contract
 
 
 def _key(value: Any) -> Any:

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from torch.fx import GraphModule
 
-from graphopt.ir import is_pure
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Contract, Pass, PassResult, register_pass
+from graphopt.ir.graph import is_pure
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.verification.contracts import Contract
 
 
 @register_pass

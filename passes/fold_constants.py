@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.interpreter import Runner
-from graphopt.ir import attr_path, escapes_to_output, is_pure, touches_written
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Contract, Pass, PassResult, register_pass
+from graphopt.ir.graph import attr_path, escapes_to_output, is_pure, touches_written
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.verification.contracts import Contract
+from graphopt.verification.interpreter import Runner
 
 
 def _is_creation(node: Node) -> bool:

@@ -13,9 +13,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
-from graphopt.fusion import FusionRule, Match, apply_fusion_rules
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Contract, Pass, PassResult, register_pass
+from graphopt.passes.lib.fusion import FusionRule, Match, apply_fusion_rules
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
 go = torch.ops.graphopt

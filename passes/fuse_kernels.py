@@ -1,7 +1,7 @@
 """fuse-kernels: hand the hot row-wise ops to graphopt's kernels (norms, softmax, attention).
 
 The ops stay standard in meaning; each ``graphopt`` op runs its Triton kernel on CUDA where
-that measures faster and its ATen reference elsewhere (``graphopt/ops.py``). The pass adds one
+that measures faster and its ATen reference elsewhere (``graphopt/ops/fused.py``). The pass adds one
 fusion the ATen graph cannot express: the residual add in front of a norm (``add_norm``).
 """
 
@@ -14,9 +14,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
-from graphopt.fusion import FusionRule, Match, apply_fusion_rules
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Contract, Pass, PassResult, register_pass
+from graphopt.passes.lib.fusion import FusionRule, Match, apply_fusion_rules
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
 go = torch.ops.graphopt

@@ -1,6 +1,6 @@
 """fuse-pointwise: merge chains of pointwise ops (and row reductions) into generated kernels.
 
-Fusion analysis (``graphopt.fusion.partition``) groups producer-consumer chains of ops that the
+Fusion analysis (``graphopt.passes.lib.fusion.partition``) groups producer-consumer chains of ops that the
 code generator supports (``graphopt.kernels.codegen.SUPPORTED_OPS``): pointwise ops with
 broadcasting, and pointwise prologues and epilogues around last-dim reductions (softmax,
 layernorm, rmsnorm, mean/sum). A merge is legal when the generator accepts the merged program
@@ -19,18 +19,18 @@ import torch
 from torch.fx import GraphModule, Node
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
-from graphopt.autotune import shape_key
-from graphopt.fusion import (
+from graphopt.ir.program import op_name
+from graphopt.ops.autotune import shape_key
+from graphopt.ops.fused import DIRECT
+from graphopt.passes.lib.fusion import (
     example_like,
     measured_faster,
     no_gain_on,
     partition,
     program_of_nodes,
 )
-from graphopt.ops import DIRECT
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Contract, Pass, PassResult, register_pass
-from graphopt.program import op_name
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.verification.contracts import Contract
 
 RULE = "pointwise"
 

@@ -36,13 +36,14 @@ import torch
 from torch.fx import GraphModule, Node
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
-from graphopt import metrics
-from graphopt.errors import PipelineError
-from graphopt.interpreter import Runner, native_run
-from graphopt.ir import attr_path
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Contract, Pass, PassResult, register_pass
-from graphopt.rewriter import Rewriter
+from graphopt.ir.graph import attr_path
+from graphopt.ir.rewriter import Rewriter
+from graphopt.ops.fused import ACTIVATIONS
+from graphopt.passes.lib.calibration import OBSERVERS
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, option, register_pass
+from graphopt.verification import metrics
+from graphopt.verification.contracts import Contract
+from graphopt.verification.interpreter import Runner, native_run
 
 aten = torch.ops.aten
 go = torch.ops.graphopt
@@ -90,7 +91,7 @@ def _layer(node: Node, gm: GraphModule) -> Layer | str | None:
         return "the weight is not a 2-D float tensor"
     if alpha != 1.0:
         return "a GEMM scale (alpha) is not folded into int8 yet"
-    if act not in graphopt.ops.ACTIVATIONS:
+    if act not in ACTIVATIONS:
         return f"activation {act!r} has no int8 epilogue"
     return Layer(node, x, w, b, r, act)
 
@@ -112,14 +113,14 @@ def _conv1x1(node: Node, gm: GraphModule) -> Layer | str:
     one = all(int(v) == 1 for v in (*list(stride), *list(dilation)))
     if w.dim() != 4 or tuple(w.shape[2:]) != (1, 1) or not one or any(padding) or groups != 1:
         return "only 1x1 convolutions (stride 1, no padding, one group) become int8 GEMMs"
-    if act not in graphopt.ops.ACTIVATIONS:
+    if act not in ACTIVATIONS:
         return f"activation {act!r} has no int8 epilogue"
     return Layer(node, x, w, b, r, act, conv=True)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8 weights and their fp32 scales."""
-    from graphopt.calibration import quantize_weight_per_channel
+    from graphopt.passes.lib.calibration import quantize_weight_per_channel
 
     return quantize_weight_per_channel(w.detach(), axis=0)
 
@@ -147,7 +148,7 @@ def _quantized(
     layer: Layer, x: torch.Tensor, b: Any, r: Any, act: str, mode: str, *, direct: bool = False
 ) -> torch.Tensor:
     """The layer computed in int8 (``direct``: as compiled models call graphopt ops)."""
-    from graphopt.ops import DIRECT
+    from graphopt.ops.fused import DIRECT
 
     def op(name: str) -> Any:
         overload = getattr(go, name).default
@@ -185,37 +186,20 @@ class Int8(Pass):
     name = "int8"
     contract = Contract.lossy("cosine", 0.99)
     runs_after = ("fold-bn", "fuse-epilogue")
-    calib: str = "percentile"
-    act: str = "static"
-    mode: str = "w8a8"
-    min_cosine: float = 0.99
-    head: str = "int8"
-    first: str = "int8"
+    calib: str = option("percentile", choices=tuple(OBSERVERS))
+    act: str = option("static", choices=("static", "dynamic"))
+    mode: str = option("w8a8", choices=("w8a8", "w8a16"))
+    min_cosine: float = option(0.99, low=0.0, high=1.0)
+    head: str = option("int8", choices=("int8", "float"))
+    first: str = option("int8", choices=("int8", "float"))
     lower: bool = True
-    smooth: float = 0.0
+    smooth: float = option(0.0, low=0.0, high=1.0)
     measure: bool = True
 
     def contract_for(self) -> Contract:
         return Contract.lossy("cosine", self.min_cosine)
 
-    def _check_options(self) -> None:
-        from graphopt.calibration import OBSERVERS
-
-        valid = {
-            "calib": tuple(OBSERVERS),
-            "act": ("static", "dynamic"),
-            "mode": ("w8a8", "w8a16"),
-            "head": ("int8", "float"),
-            "first": ("int8", "float"),
-        }
-        for option, allowed in valid.items():
-            if getattr(self, option) not in allowed:
-                raise PipelineError(
-                    f"int8{{{option}={getattr(self, option)}}}: use one of {', '.join(allowed)}"
-                )
-
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        self._check_options()
         rw = ctx.rewriter(gm)
         layers = self._find_layers(gm, rw)
         if not layers:
@@ -274,7 +258,7 @@ class Int8(Pass):
         for layer in layers:
             layer.w_q, layer.w_scale = quantize_weight(layer.w)
         if self.mode == "w8a8" and self.act == "static":
-            from graphopt.calibration import calibrate
+            from graphopt.passes.lib.calibration import calibrate
 
             names = sorted({layer.x.name for layer in layers})
             # a progress bar over the calibration batches when someone is watching
@@ -285,9 +269,9 @@ class Int8(Pass):
     def _slower(self, layer: Layer, values: dict[str, Any]) -> str | None:
         """Why the int8 layer is not faster than the float one on the target, or None.
         Both run as the compiled model runs them (graphopt ops without the dispatcher)."""
-        from graphopt.autotune import shape_key
-        from graphopt.fusion import measured_faster
-        from graphopt.ops import DIRECT
+        from graphopt.ops.autotune import shape_key
+        from graphopt.ops.fused import DIRECT
+        from graphopt.passes.lib.fusion import measured_faster
 
         node = layer.node
 
@@ -321,9 +305,9 @@ class Int8(Pass):
                 layer.why = f"layer cosine {layer.cosine:.4f} < budget {self.min_cosine}"
             else:
                 layer.precision = "int8"
-        for option, layer in (("head", layers[-1]), ("first", layers[0])):
-            if getattr(self, option) == "float" and layer.precision == "int8":
-                layer.precision, layer.why = "float", f"{option}=float"
+        for end, layer in (("head", layers[-1]), ("first", layers[0])):
+            if getattr(self, end) == "float" and layer.precision == "int8":
+                layer.precision, layer.why = "float", f"{end}=float"
         if self.measure:
             for layer in layers:
                 if layer.precision == "int8" and (why := self._slower(layer, values)) is not None:

@@ -23,9 +23,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Contract, Pass, PassResult, register_pass
-from graphopt.rewriter import Rewriter, apply_rules
+from graphopt.ir.rewriter import Rewriter, apply_rules
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
 go = torch.ops.graphopt

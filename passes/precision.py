@@ -11,11 +11,11 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
 from graphopt.errors import PipelineError
-from graphopt.ir import attr_path, tensor_val
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Contract, Pass, PassResult, register_pass
-from graphopt.rewriter import Rewriter
-from graphopt.state import effects, is_stateful
+from graphopt.ir.graph import attr_path, tensor_val
+from graphopt.ir.rewriter import Rewriter
+from graphopt.ir.state import effects, is_stateful
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, option, register_pass
+from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
 F32 = torch.float32
@@ -294,16 +294,14 @@ class Precision(Pass):
 
     dtype: str = "fp16"
     keep_fp32: str = ""
-    min_cosine: float = 0.0
+    min_cosine: float = option(0.0, low=0.0, high=1.0)
 
-    def __post_init__(self) -> None:
-        if self.dtype.lower() not in DTYPES:
+    def check(self) -> None:
+        if self.dtype.lower() not in DTYPES:  # any case: fp16, FP16, bf16, ...
             raise PipelineError(
-                f"precision: dtype={self.dtype!r} is not a half-precision dtype; valid values: "
-                f"{', '.join(DTYPES)} (e.g. precision{{dtype=bf16}})"
+                f"precision{{dtype={self.dtype}}}: {self.dtype!r} is not a half-precision dtype; "
+                f"valid values: {', '.join(DTYPES)} (e.g. precision{{dtype=bf16}})"
             )
-        if not 0.0 <= self.min_cosine <= 1.0:
-            raise PipelineError(f"precision: min_cosine={self.min_cosine} is not in [0, 1]")
         _parse_keep(self.keep_fp32)
 
     @property

@@ -18,14 +18,14 @@ an ONNX export (where a sparse runtime or a compressor can use them)::
 * ``kind=2:4``: linear layers whose input dim K is divisible by 4 keep the 2 largest-|w| of
   every 4 consecutive weights along K (ties: the earlier weight is kept); ``amount`` and
   ``scope`` do not apply. fp16/bf16 weights on CUDA run on the semi-structured sparse GEMM
-  (``graphopt/sparse_ops.py``); elsewhere the layer stays a dense ``linear`` with the zeros and
+  (``graphopt/ops/sparse.py``); elsewhere the layer stays a dense ``linear`` with the zeros and
   the pass warns once per compile.
 * ``kind=channel``: structured pruning of whole output channels by ``importance``
-  (l1 | bn_gamma | taylor), delegated to ``graphopt.passes.prune_channels``, which edits the
+  (l1 | bn_gamma | taylor), delegated to ``graphopt.passes.lib.prune_channels``, which edits the
   graph through the same rewriter and measures its own dependency groups.
 
 ``measure=true`` (2:4): each pruned layer is timed against its dense form on the target, as the
-compiled model runs it (``graphopt.fusion.measured_faster``), and a layer that is not faster keeps
+compiled model runs it (``graphopt.passes.lib.fusion.measured_faster``), and a layer that is not faster keeps
 its dense weight: its row says ``reverted`` and why. So on the CPU, 2:4 layers are reverted
 unless ``measure=false``, which keeps the zeros (for an export).
 
@@ -47,12 +47,12 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
-import graphopt.sparse_ops  # noqa: F401  (registers graphopt::sparse24_linear)
+import graphopt.ops.sparse  # noqa: F401  (registers graphopt::sparse24_linear)
 from graphopt.errors import PipelineError
-from graphopt.ir import attr_path, snapshot
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Contract, Pass, PassResult, register_pass
-from graphopt.rewriter import Rewriter
+from graphopt.ir.graph import attr_path, snapshot
+from graphopt.ir.rewriter import Rewriter
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, option, register_pass
+from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
 go = torch.ops.graphopt
@@ -143,28 +143,19 @@ class Prune(Pass):
 
     name = "prune"
     contract = Contract.lossy("cosine", 0.9)
-    kind: str = "unstructured"
-    amount: float = 0.5
-    scope: str = "layer"
-    importance: str = "l1"
-    min_cosine: float = 0.9
+    kind: str = option("unstructured", choices=KINDS)
+    amount: float = option(0.5, low=0.0, high=1.0, high_open=True)
+    scope: str = option("layer", choices=SCOPES)
+    importance: str = option("l1", choices=IMPORTANCES)
+    min_cosine: float = option(0.9, low=0.0, high=1.0)
     measure: bool = True
 
     def contract_for(self) -> Contract:
         return Contract.lossy("cosine", self.min_cosine)
 
-    def __post_init__(self) -> None:
-        # bad options fail when the pipeline is parsed, naming the valid values
-        valid = {"kind": KINDS, "scope": SCOPES, "importance": IMPORTANCES}
-        for option, allowed in valid.items():
-            if getattr(self, option) not in allowed:
-                raise PipelineError(
-                    f"prune{{{option}={getattr(self, option)}}}: use one of {', '.join(allowed)}"
-                )
-        if not 0.0 <= self.amount < 1.0:
-            raise PipelineError(f"prune{{amount={self.amount}}}: use a fraction in [0, 1)")
+    def check(self) -> None:
         if self.kind == "channel":
-            _prune_channels()
+            _prune_channels()  # a missing analysis fails when the pipeline is parsed
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         rw = ctx.rewriter(gm)
@@ -241,7 +232,7 @@ class Prune(Pass):
 
     def _measure(self, gm: GraphModule, layers: list[Layer], inputs: list[Any]) -> None:
         """Revert (keep dense) every 2:4 layer that does not measure faster than dense."""
-        from graphopt.interpreter import native_run
+        from graphopt.verification.interpreter import native_run
 
         _, values = native_run(gm, inputs, record=True)
         for layer in layers:
@@ -287,10 +278,10 @@ class Prune(Pass):
 def _slower_graph(dense: GraphModule, pruned: GraphModule, inputs: list[Any]) -> str | None:
     """Why the pruned graph is not faster than the dense one on the example inputs, or None.
     Both run as a compiled model runs them; a 3% margin keeps noise from deciding."""
-    from graphopt.autotune import device_name, measure_all
-    from graphopt.fusion import MARGIN
-    from graphopt.ops import executable
-    from graphopt.state import with_state
+    from graphopt.ir.state import with_state
+    from graphopt.ops.autotune import device_name, measure_all
+    from graphopt.ops.fused import executable
+    from graphopt.passes.lib.fusion import MARGIN
 
     device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
     runs = {
@@ -307,9 +298,9 @@ def _slower_graph(dense: GraphModule, pruned: GraphModule, inputs: list[Any]) ->
 
 
 def _prune_channels() -> Callable[..., list[dict[str, Any]]]:
-    """The channel pruner of ``graphopt.passes.prune_channels``, imported when first needed."""
+    """The channel pruner of ``graphopt.passes.lib.prune_channels``, imported when first needed."""
     try:
-        from graphopt.passes.prune_channels import prune_channels
+        from graphopt.passes.lib.prune_channels import prune_channels
     except ImportError:
         raise PipelineError("prune{kind=channel}: not available yet") from None
     return prune_channels  # type: ignore[no-any-return]
@@ -317,7 +308,7 @@ def _prune_channels() -> Callable[..., list[dict[str, Any]]]:
 
 def _lowers(layer: Layer) -> bool:
     """Does this 2:4 layer go to the sparse GEMM (a plain linear, fp16/bf16 weight on CUDA)?"""
-    from graphopt.sparse_ops import SPARSE_DTYPES
+    from graphopt.ops.sparse import SPARSE_DTYPES
 
     w = layer.weight
     return (
@@ -346,10 +337,10 @@ def _rebuild(layer: Layer, rw: Rewriter) -> None:
 def _slower(layer: Layer, values: dict[str, Any]) -> str | None:
     """Why the pruned layer is not faster than the dense one on the target, or None.
     Both run as the compiled model runs them (graphopt ops without the dispatcher)."""
-    from graphopt.autotune import shape_key
-    from graphopt.fusion import measured_faster
-    from graphopt.ops import DIRECT
-    from graphopt.sparse_ops import why_not_sparse
+    from graphopt.ops.autotune import shape_key
+    from graphopt.ops.fused import DIRECT
+    from graphopt.ops.sparse import why_not_sparse
+    from graphopt.passes.lib.fusion import measured_faster
 
     node = layer.node
     assert layer.new is not None
@@ -388,7 +379,7 @@ def _rows(x: Tensor) -> int:
 
 def _calls(node: Node) -> int:
     """Output positions per output channel of one call (M for a linear, N*H*W for a conv)."""
-    from graphopt.fusion import concrete_shape
+    from graphopt.passes.lib.fusion import concrete_shape
 
     out = node.meta.get("val")
     shape = concrete_shape(out) if isinstance(out, Tensor) else []

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir import escapes_to_output, touches_written
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Contract, Pass, PassResult, register_pass
-from graphopt.rewriter import Rewriter, apply_rules
+from graphopt.ir.graph import escapes_to_output, touches_written
+from graphopt.ir.rewriter import Rewriter, apply_rules
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
 

@@ -28,9 +28,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 import graphopt
-from graphopt import metrics, zoo
+from graphopt import zoo
 from graphopt.errors import GraphoptError
-from graphopt.passes_base import OPT_LEVELS, half_pipeline
+from graphopt.pipeline.parse import OPT_LEVELS, half_pipeline
+from graphopt.verification import metrics
 
 Runner = Callable[..., Any]
 

@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 import graphopt
 from graphopt import zoo
 from graphopt.errors import GraphoptError
-from graphopt.pass_manager import PassRecord, Report
+from graphopt.pipeline.report import PassRecord, Report
 from graphopt.tools import bench, debug, report
 
 console = Console(width=None if sys.stdout.isatty() else 110)

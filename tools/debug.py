@@ -28,14 +28,17 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 import graphopt
-from graphopt import metrics
 from graphopt.api import resolve_target
-from graphopt.capture import as_args, capture
-from graphopt.interpreter import Runner, reference_run
-from graphopt.ir import original_name, short_target
-from graphopt.ops import program_of
-from graphopt.pass_manager import PassManager, PassRecord, Report
-from graphopt.passes_base import FixedPoint, PipelineItem, parse_pipeline
+from graphopt.frontends.capture import capture
+from graphopt.frontends.exported import as_args
+from graphopt.ir.graph import original_name, short_target
+from graphopt.ops.fused import program_of
+from graphopt.pipeline.manager import PassManager
+from graphopt.pipeline.parse import parse_pipeline
+from graphopt.pipeline.passes import FixedPoint, PipelineItem
+from graphopt.pipeline.report import PassRecord, Report
+from graphopt.verification import metrics
+from graphopt.verification.interpreter import Runner, reference_run
 
 LoadModel = Callable[[str, int | None], tuple[torch.nn.Module, tuple[Any, ...]]]
 WORST_NODES = 20

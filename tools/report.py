@@ -31,14 +31,16 @@ from torch.utils import _pytree as pytree
 
 import graphopt
 from graphopt.api import resolve_target
-from graphopt.capture import as_args, capture
 from graphopt.errors import GraphoptError
-from graphopt.interpreter import Runner, reference_run
-from graphopt.ir import count_op_nodes, format_type, original_name, short_target
-from graphopt.ops import program_of
-from graphopt.pass_manager import PassManager, PassRecord, PassStep, Report
+from graphopt.frontends.capture import capture
+from graphopt.frontends.exported import as_args
+from graphopt.ir.graph import count_op_nodes, format_type, original_name, short_target
+from graphopt.ops.fused import program_of
+from graphopt.pipeline.manager import PassManager, PassStep
+from graphopt.pipeline.report import PassRecord, Report
 from graphopt.tools import debug, svg
 from graphopt.tools.debug import LoadModel
+from graphopt.verification.interpreter import Runner, reference_run
 
 # rel L2 against float64 -> colour (ColorBrewer RdYlGn, reversed: green is good)
 SCALE: list[tuple[float, str, str]] = [

@@ -39,13 +39,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Graph, GraphModule, Node
 
 from graphopt.errors import EquivalenceError, GraphoptError
-from graphopt.interpreter import native_run
-from graphopt.ir import attr_path, propagate_meta
-from graphopt.pass_manager import PassManager
-from graphopt.passes_base import Pass
+from graphopt.ir.graph import attr_path, propagate_meta
+from graphopt.pipeline.manager import PassManager
+from graphopt.pipeline.passes import Pass
+from graphopt.verification.interpreter import native_run
 
 if TYPE_CHECKING:
-    from graphopt.tools.bisect import Trial, Verdict
+    from graphopt.tools.verdict import Trial, Verdict
 
 MAX_ATTEMPTS = 400  # candidate subgraphs tried before settling for the smallest found so far
 
@@ -163,15 +163,13 @@ def attempt(
 
 
 def signature_of(p: Pass, error: GraphoptError, rules: set[str], rule: str | None) -> Signature:
-    from graphopt.tools.bisect import contract_metric
-
     node = getattr(error, "origin", None)
     return Signature(
         getattr(error, "pass_name", p.name),
         type(error).__name__,
         getattr(error, "op", None),
         node,
-        contract_metric(p.contract_for()) if node is not None else None,
+        p.contract_for().judged_by if node is not None else None,
         rule if rule in rules else None,
     )
 
@@ -481,7 +479,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Graph, GraphModule
 
 import graphopt
-from graphopt.pass_manager import PassManager
+from graphopt.pipeline.manager import PassManager
 
 {path_line}from {module} import {top}  # noqa: E402  (the failing pass, imported by module:qualname)
 

@@ -146,7 +146,7 @@ def test_save_load_roundtrip_runs_without_recompiling(
         raise AssertionError("load must not recompile")
 
     monkeypatch.setattr(graphopt.api, "compile", no_compile)
-    monkeypatch.setattr(graphopt.pass_manager.PassManager, "run", no_compile)
+    monkeypatch.setattr(graphopt.pipeline.manager.PassManager, "run", no_compile)
     loaded = graphopt.load(path)
     _close(loaded(*inputs), compiled(*inputs), tol=0)
     _, other = zoo.get("mobilenet", batch=3)

@@ -13,8 +13,8 @@ from torch.fx import GraphModule, Node
 
 import graphopt
 from graphopt import Contract, Pass, PassResult, register_pass
-from graphopt.pass_manager import PassContext
-from graphopt.rewriter import Rewriter, apply_rules
+from graphopt.ir.rewriter import Rewriter, apply_rules
+from graphopt.pipeline.passes import PassContext
 
 aten = torch.ops.aten
 
@@ -163,11 +163,11 @@ def test_verify_false_skips_checking() -> None:
 
 
 def test_rounding_allows_reordering_within_twice_the_baseline_error() -> None:
-    from graphopt.metrics import rounding_floor
+    from graphopt.verification.metrics import rounding_floor
 
     assert rounding_floor(torch.float32) == 1e-5
     assert rounding_floor(torch.float16) > rounding_floor(torch.float32)
-    assert math.isinf(graphopt.metrics.sqnr(torch.ones(3), torch.ones(3)))
+    assert math.isinf(graphopt.verification.metrics.sqnr(torch.ones(3), torch.ones(3)))
 
 
 def _drop_add_zero(node: Node, rw: Rewriter) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +88,7 @@ def test_unknown_option_lists_the_valid_ones() -> None:
 
 
 def test_bad_option_value_and_syntax() -> None:
-    with pytest.raises(PipelineError, match="max_bytes='lots'.*not a valid int"):
+    with pytest.raises(PipelineError, match="max_bytes=lots.*not a valid int"):
         graphopt.parse_pipeline("fold-constants{max_bytes=lots}")
     with pytest.raises(PipelineError, match="expected"):
         graphopt.parse_pipeline("dce,,cse")
@@ -223,3 +225,64 @@ def test_input_mismatch_batch_sizes_must_agree(two: graphopt.CompiledModule) -> 
     assert two(torch.randn(6, 3), torch.randn(6)).shape == (6,)  # another batch size is fine
     with pytest.raises(InputMismatchError, match="inputs 0 and 1 must have the same batch size"):
         two(torch.randn(4, 3), torch.randn(5))
+
+
+def test_every_option_with_choices_is_checked_when_parsed() -> None:
+    checked = 0
+    for name, cls in graphopt.registered_passes().items():
+        for f in dataclasses.fields(cls):
+            rules = f.metadata.get("graphopt_option")
+            if rules and rules["choices"]:
+                allowed = ", ".join(map(str, rules["choices"]))
+                with pytest.raises(PipelineError, match=re.escape(f"is not one of {allowed}")):
+                    graphopt.parse_pipeline(f"{name}{{{f.name}=typo}}")
+                checked += 1
+    assert checked >= 8  # int8 (5) and prune (3), at least
+
+
+def test_option_ranges_and_python_construction_are_checked_too() -> None:
+    with pytest.raises(PipelineError, match=r"int8\{smooth=2.0\}: smooth must be in \[0, 1\]"):
+        graphopt.parse_pipeline("int8{smooth=2}")
+    from graphopt.passes.prune import Prune
+
+    with pytest.raises(PipelineError, match=r"amount must be in \[0, 1\)"):
+        Prune(amount=1.0)
+
+
+def test_contract_may_be_named_and_a_wrong_one_is_refused_at_registration() -> None:
+    @register_pass
+    @dataclass(frozen=True)
+    class Named(Pass):
+        name = "test-named-contract"
+        contract = "lossy(cosine=0.95)"  # type: ignore[assignment]
+
+    assert Named.contract == graphopt.Contract.lossy("cosine", 0.95)
+    with pytest.raises(PipelineError, match="'fast' is not a contract; write 'exact'"):
+
+        @register_pass
+        @dataclass(frozen=True)
+        class Wrong(Pass):
+            name = "test-wrong-contract"
+            contract = "fast"  # type: ignore[assignment]
+
+
+@register_pass
+@dataclass(frozen=True)
+class Finisher(Pass):
+    name = "test-finisher"
+
+
+@register_pass
+@dataclass(frozen=True)
+class NeedsFinisher(Pass):
+    name = "test-needs-finisher"
+
+    def followed_by(self) -> tuple[Pass, ...]:
+        return (Finisher(),)
+
+
+def test_followers_are_scheduled_once() -> None:
+    names = [p.name for p in graphopt.parse_pipeline("test-needs-finisher,dce")]
+    assert names == ["test-needs-finisher", "test-finisher", "dce"]
+    spelled = graphopt.parse_pipeline("test-needs-finisher,test-finisher,dce")  # as .spec() says
+    assert [p.name for p in spelled] == names

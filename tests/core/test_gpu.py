@@ -37,7 +37,7 @@ def test_o2_on_cuda_fuses_and_matches_eager(name: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["resnet", "bert", "gpt"])
 def test_o2_fp16_on_cuda_stays_close(name: str) -> None:
-    from graphopt.passes_base import half_pipeline
+    from graphopt.pipeline.parse import half_pipeline
 
     model, inputs = zoo.get(name, batch=4)
     model = model.cuda()

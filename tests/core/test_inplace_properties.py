@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import graphopt
-from graphopt.capture import normalize
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import Pass, parse_pipeline
+from graphopt.frontends.exported import normalize
+from graphopt.pipeline.parse import parse_pipeline
+from graphopt.pipeline.passes import Pass, PassContext
 
 CLEANUP_PASSES = ["remove-noops", "fold-constants", "cse", "dce"]
 MAKES = ["clone", "view", "add", "relu", "const", "buffer"]  # each appends a value

@@ -11,7 +11,8 @@ from torch.fx import GraphModule
 
 import graphopt
 from graphopt import Contract, Pass, PassResult
-from graphopt.pass_manager import PassContext, PassManager, PassStep
+from graphopt.pipeline.manager import PassManager, PassStep
+from graphopt.pipeline.passes import PassContext
 
 aten = torch.ops.aten
 

@@ -10,8 +10,8 @@ from torch.fx import GraphModule
 
 import graphopt
 from graphopt import FixedPoint, Pass, PassResult, register_pass
-from graphopt.interpreter import Runner, native_run, reference_run
-from graphopt.pass_manager import PassContext
+from graphopt.pipeline.passes import PassContext
+from graphopt.verification.interpreter import Runner, native_run, reference_run
 
 
 def test_parse_options_groups_and_fixpoint() -> None:

@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 import graphopt
-from graphopt.ir import count_op_nodes
+from graphopt.ir.graph import count_op_nodes
 
 aten = torch.ops.aten
 EXACT_PASSES = ["dce", "cse", "fold-constants", "remove-noops"]

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import graphopt
 from graphopt import zoo
-from graphopt.compiled import CompiledModule
+from graphopt.runtime.compiled import CompiledModule
 
 DIM, CLASSES = 128, 10
 
@@ -126,7 +126,7 @@ def test_recover_cycles_a_one_shot_iterator_and_runs_the_task_loss(setup) -> Non
 
 
 def test_logits_are_the_first_floating_leaf() -> None:
-    from graphopt.recover import _first_float
+    from graphopt.runtime.recover import _first_float
 
     @dataclass
     class Out:

@@ -15,10 +15,10 @@ from torch import nn
 import graphopt
 from graphopt import EquivalenceError, Pass, PassResult, register_pass
 from graphopt.errors import CaptureError, MutationError, PipelineError
-from graphopt.interpreter import native_run
-from graphopt.ir import written_roots
-from graphopt.rewriter import apply_rules
+from graphopt.ir.graph import written_roots
+from graphopt.ir.rewriter import apply_rules
 from graphopt.tools.cli import main
+from graphopt.verification.interpreter import native_run
 
 aten = torch.ops.aten
 LEVELS = ["-O0", "-O1", "-O2", "-O3"]

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 
+from graphopt.ir.program import Call, Program, Ref, resolve_op
 from graphopt.kernels import codegen
 from graphopt.kernels.codegen import SUPPORTED_OPS, UnsupportedProgram, why_not
 from graphopt.kernels.codegen_ops import POINTWISE
-from graphopt.program import Call, Program, Ref, resolve_op
 
 # masked-off lanes of the interpreter's numpy blocks may divide by zero; the kernels never store them
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -607,7 +607,7 @@ def test_second_process_reuses_the_kernel_file(
     script = """
 import torch
 from graphopt.kernels import codegen
-from graphopt.program import Call, Program, Ref, resolve_op
+from graphopt.ir.program import Call, Program, Ref, resolve_op
 p = Program(1, (Call("aten.sigmoid.default", (Ref("in", 0),)),), (Ref("node", 0),))
 codegen.run(p, [torch.randn(5, 4)])
 print(codegen.cache_stats.generated, codegen.cache_stats.disk_hits)

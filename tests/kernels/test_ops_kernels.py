@@ -1,14 +1,14 @@
 """Each graphopt op's Triton kernel against the op's own ATen reference, through the same
 ``Impl`` table the CUDA implementation dispatches with (Triton's interpreter on the CPU here;
-the GPU there). This checks the plumbing between graphopt/ops.py and kernels/."""
+the GPU there). This checks the plumbing between graphopt/ops/fused.py and kernels/."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from graphopt.ops import IMPLS, program_of
-from graphopt.program import Call, Program, Ref
+from graphopt.ir.program import Call, Program, Ref
+from graphopt.ops.fused import IMPLS, program_of
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}

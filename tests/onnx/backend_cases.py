@@ -5,7 +5,7 @@ Two sources, both shipped in the installed onnx wheel: the node cases
 in Python) and the converted PyTorch models under ``onnx/backend/test/data/pytorch-converted`` and
 ``pytorch-operator`` (``model.onnx`` plus ``test_data_set_*/{input,output}_*.pb``).
 
-A case whose op types are all in ``graphopt.onnx_ops.OPS`` is imported (without graph cleanup, so
+A case whose op types are all in ``graphopt.frontends.onnx_ops.OPS`` is imported (without graph cleanup, so
 graphopt's own op implementations are what is tested, not onnx-graphsurgeon's constant folding
 through ONNX Runtime), run eagerly and compared with the expected outputs at per-dtype
 tolerances. ``python -m tests.onnx.backend_cases`` (or the test with
@@ -28,8 +28,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from graphopt.onnx_import import load_onnx
-from graphopt.onnx_ops import DTYPES, OPS
+from graphopt.frontends.onnx_import import load_onnx
+from graphopt.frontends.onnx_ops import DTYPES, OPS
 
 # Tolerance floors per output dtype; a case's own rtol/atol apply when they are looser.
 TOLERANCE = {

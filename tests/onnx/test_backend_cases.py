@@ -22,7 +22,7 @@ from backend_cases import (
     run_all,
 )
 
-from graphopt.onnx_import import capture_onnx
+from graphopt.frontends.onnx_import import capture_onnx
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "onnx_import_cases.md")
 

@@ -18,8 +18,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import graphopt
-from graphopt import metrics, zoo
-from graphopt.interpreter import reference_run
+from graphopt import zoo
+from graphopt.verification import metrics
+from graphopt.verification.interpreter import reference_run
 
 ZOO = ("resnet", "mobilenet", "bert", "gpt", "mlp")
 BATCH, OTHER_BATCH = 4, 6

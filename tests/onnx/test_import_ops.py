@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt.onnx_import import capture_onnx, load_onnx
+from graphopt.frontends.onnx_import import capture_onnx, load_onnx
 
 F32 = TensorProto.FLOAT
 

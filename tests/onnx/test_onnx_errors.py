@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt.onnx_import import load_onnx
+from graphopt.frontends.onnx_import import load_onnx
 
 
 def _good_model() -> onnx.ModelProto:

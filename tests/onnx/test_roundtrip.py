@@ -15,7 +15,8 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 import graphopt
-from graphopt import metrics, zoo
+from graphopt import zoo
+from graphopt.verification import metrics
 
 ZOO = ("resnet", "mobilenet", "bert", "gpt", "mlp")
 BATCH, OTHER_BATCH = 4, 6

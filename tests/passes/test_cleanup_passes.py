@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graphopt.capture import normalize
-from graphopt.pass_manager import PassManager
+from graphopt.frontends.exported import normalize
+from graphopt.pipeline.manager import PassManager
 from graphopt.testing import PassRun, assert_golden, run_pipeline
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from graphopt import metrics
 from graphopt.testing import assert_golden, run_pipeline
+from graphopt.verification import metrics
 
 GOLDEN = Path(__file__).parent / "golden"
 

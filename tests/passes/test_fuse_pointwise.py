@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graphopt import metrics
-from graphopt.fusion import example_like, merge_makes_cycle, node_dag, partition
-from graphopt.ops import program_of
+from graphopt.ops.fused import program_of
+from graphopt.passes.lib.fusion import example_like, merge_makes_cycle, node_dag, partition
 from graphopt.testing import assert_golden, run_pipeline
+from graphopt.verification import metrics
 
 GOLDEN = Path(__file__).parent / "golden"
 PASS = "fuse-pointwise{measure=false}"

@@ -16,8 +16,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import graphopt
-from graphopt import metrics, zoo
+from graphopt import zoo
 from graphopt.testing import assert_golden, run_pipeline
+from graphopt.verification import metrics
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -102,7 +103,7 @@ def test_kernels_golden() -> None:
 
 def test_measured_fusion_is_kept_only_when_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fusion that measures slower than ATen is not applied; the report says why."""
-    from graphopt import autotune
+    from graphopt.ops import autotune
 
     def slow_fused(key, candidates, device, reps=15):  # type: ignore[no-untyped-def]
         return "aten", {"aten": 1e-3, "fused": 2e-3}
@@ -123,7 +124,7 @@ def test_measured_fusion_is_kept_only_when_faster(monkeypatch: pytest.MonkeyPatc
 def test_choice_is_measured_once_and_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from graphopt import autotune
+    from graphopt.ops import autotune
 
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
     calls = {"a": 0, "b": 0}
@@ -177,7 +178,7 @@ def test_fused_graph_saves_and_loads(tmp_path: Path) -> None:
 def test_compiled_model_calls_graphopt_ops_without_the_dispatcher() -> None:
     """The saved graph keeps torch.ops.graphopt.*; execution calls the same implementations as
     plain functions (the dispatcher costs 25-50 us a call on the CPU) with the same outputs."""
-    from graphopt.ops import DIRECT
+    from graphopt.ops.fused import DIRECT
 
     model, inputs = zoo.get("bert")[:2]
     compiled = graphopt.compile(model, inputs, pipeline=PIPELINE_ALL, on_fail="raise")

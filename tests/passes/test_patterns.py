@@ -15,10 +15,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from graphopt import metrics, zoo
-from graphopt.capture import capture
-from graphopt.pass_manager import PassManager
+from graphopt import zoo
+from graphopt.frontends.capture import capture
+from graphopt.pipeline.manager import PassManager
 from graphopt.testing import PassRun, assert_golden, run_pipeline
+from graphopt.verification import metrics
 
 GOLDEN = Path(__file__).parent / "golden"
 SQRT2 = math.sqrt(2.0)

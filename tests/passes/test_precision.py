@@ -12,13 +12,14 @@ from torch import nn
 from torch.nn import functional as F
 
 import graphopt
-from graphopt import Contract, PipelineError, metrics, zoo
-from graphopt.capture import capture
-from graphopt.interpreter import native_run
-from graphopt.ir import format_graph, propagate_meta, tensor_val
-from graphopt.passes_base import parse_pipeline
+from graphopt import Contract, PipelineError, zoo
+from graphopt.frontends.capture import capture
+from graphopt.ir.graph import format_graph, propagate_meta, tensor_val
+from graphopt.pipeline.parse import parse_pipeline
 from graphopt.testing import PassRun, assert_golden, run_pipeline
-from graphopt.verify import Verifier
+from graphopt.verification import metrics
+from graphopt.verification.interpreter import native_run
+from graphopt.verification.verify import Verifier
 
 GOLDEN = Path(__file__).parent / "golden"
 aten = torch.ops.aten
@@ -217,7 +218,7 @@ def test_mutating_graph_is_left_alone() -> None:
         ("precision{dtype=fp8}", "valid values: fp16, float16, bf16, bfloat16"),
         ("precision{dtype=float32}", "is not a half-precision dtype"),
         ("precision{keep_fp32=gelu+no_such_op}", "'no_such_op', not ATen ops"),
-        ("precision{min_cosine=2}", "not in [0, 1]"),
+        ("precision{min_cosine=2}", "must be in [0, 1]"),
     ],
 )
 def test_bad_options(text: str, message: str) -> None:

@@ -24,11 +24,12 @@ from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
 import graphopt
-from graphopt import metrics, zoo
+from graphopt import zoo
 from graphopt.errors import PipelineError
-from graphopt.ir import attr_path
+from graphopt.ir.graph import attr_path
 from graphopt.passes.prune import CPU_WARNING, ROW_KEYS, apply_mask, mask_2_4
 from graphopt.testing import assert_golden, run_pipeline
+from graphopt.verification import metrics
 
 GOLDEN = Path(__file__).parent / "golden"
 LOOSE = "min_cosine=0.5"
@@ -170,7 +171,7 @@ def _fake_choose(pruned_s: float, dense_s: float) -> Any:
 def test_2_4_layer_not_faster_is_reverted_to_its_dense_weight(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from graphopt import autotune
+    from graphopt.ops import autotune
 
     model = Mlp()
     monkeypatch.setattr(autotune, "choose", _fake_choose(pruned_s=2e-3, dense_s=1e-3))
@@ -249,7 +250,7 @@ def test_bad_options_are_clear_errors(options: str, match: str) -> None:
 def test_channel_kind_without_prune_channels_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(sys.modules, "graphopt.passes.prune_channels", None)
+    monkeypatch.setitem(sys.modules, "graphopt.passes.lib.prune_channels", None)
     with pytest.raises(PipelineError, match="kind=channel.*not available yet"):
         run_pipeline(Mlp(), (torch.randn(8, 16),), "prune{kind=channel}")
 
@@ -263,9 +264,9 @@ def test_channel_rows_are_put_in_report_order(monkeypatch: pytest.MonkeyPatch) -
         seen.update(amount=amount, importance=importance, inputs=len(inputs))
         return [{"why": "", "layer": "linear", "status": "pruned", "revert": lambda: None}]
 
-    fake = types.ModuleType("graphopt.passes.prune_channels")
+    fake = types.ModuleType("graphopt.passes.lib.prune_channels")
     fake.prune_channels = prune_channels  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "graphopt.passes.prune_channels", fake)
+    monkeypatch.setitem(sys.modules, "graphopt.passes.lib.prune_channels", fake)
     run = run_pipeline(Mlp(), (torch.randn(8, 16),), "prune{kind=channel,amount=0.25}")
     (row,) = _rows(run)
     assert list(row) == list(ROW_KEYS) and row["kind"] == "channel"
@@ -274,7 +275,7 @@ def test_channel_rows_are_put_in_report_order(monkeypatch: pytest.MonkeyPatch) -
 
 def test_sparse24_linear_is_dense_linear_off_cuda() -> None:
     """The op's reference (and CPU) form is the dense linear; reasons name what CUDA needs."""
-    from graphopt.sparse_ops import why_not_sparse
+    from graphopt.ops.sparse import why_not_sparse
 
     x, w, b = torch.randn(3, 5, 16), torch.randn(8, 16), torch.randn(8)
     w = apply_mask(w, mask_2_4(w))

@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 
 import graphopt
 from graphopt import zoo
-from graphopt.ir import attr_path
+from graphopt.ir.graph import attr_path
 
 PIPE = "-O1,prune{kind=channel,amount=0.3,min_cosine=0.0,measure=false}"
 
@@ -34,7 +34,7 @@ def test_channel_pruning_keeps_every_zoo_model_runnable(name: str) -> None:
 
 
 def test_channel_pruning_not_faster_is_reverted(monkeypatch: pytest.MonkeyPatch) -> None:
-    from graphopt import autotune
+    from graphopt.ops import autotune
 
     def pruned_slower(fns, device, reps=15):  # type: ignore[no-untyped-def]
         return {"dense": 1e-3, "pruned": 2e-3}

@@ -14,9 +14,9 @@ from torch.utils import _pytree as pytree
 
 import graphopt
 from graphopt import zoo
-from graphopt.ir import attr_path, format_graph
-from graphopt.passes.prune_channels import dependency_groups, format_groups, prune_channels
-from graphopt.rewriter import Rewriter
+from graphopt.ir.graph import attr_path, format_graph
+from graphopt.ir.rewriter import Rewriter
+from graphopt.passes.lib.prune_channels import dependency_groups, format_groups, prune_channels
 
 GOLDEN = Path(__file__).parent / "golden"
 

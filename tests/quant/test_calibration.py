@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from graphopt import GraphoptError, capture
-from graphopt.calibration import (
+from graphopt import GraphoptError
+from graphopt.frontends.capture import capture
+from graphopt.passes.lib.calibration import (
     MIN_THRESHOLD,
     OBSERVERS,
     Observer,

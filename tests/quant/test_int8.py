@@ -12,8 +12,9 @@ from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
 import graphopt
-from graphopt import metrics, zoo
+from graphopt import zoo
 from graphopt.testing import assert_golden, run_pipeline
+from graphopt.verification import metrics
 
 GOLDEN = Path(__file__).parents[1] / "passes" / "golden"
 
@@ -248,7 +249,7 @@ def test_quantize_joins_the_norm_before_it() -> None:
 
 def test_layer_not_faster_in_int8_stays_float(monkeypatch: pytest.MonkeyPatch) -> None:
     """measure=true (the default): a layer that is slower in int8 on the target stays float."""
-    from graphopt import autotune
+    from graphopt.ops import autotune
 
     def int8_slower(key, candidates, device, reps=15):  # type: ignore[no-untyped-def]
         return "aten", {"aten": 1e-4, "fused": 3e-4}

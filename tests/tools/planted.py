@@ -28,9 +28,9 @@ from torch.fx import GraphModule, Node
 
 import graphopt
 from graphopt import Contract, Pass, PassResult
-from graphopt.pass_manager import PassContext
+from graphopt.ir.rewriter import Rewriter, apply_rules
 from graphopt.passes.int8 import Int8, Layer
-from graphopt.rewriter import Rewriter, apply_rules
+from graphopt.pipeline.passes import PassContext
 
 aten = torch.ops.aten
 BLOCK = 16

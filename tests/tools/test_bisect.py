@@ -25,14 +25,14 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from graphopt import EquivalenceError, PassManager, zoo
-from graphopt.capture import capture
-from graphopt.interpreter import native_run, reference_run
-from graphopt.ir import original_name
-from graphopt.passes_base import parse_pipeline
+from graphopt.frontends.capture import capture
+from graphopt.ir.graph import original_name
+from graphopt.pipeline.parse import parse_pipeline
 from graphopt.tools.bisect import Verdict, bisect
 from graphopt.tools.cli import main
 from graphopt.tools.debug import pass_labels
 from graphopt.tools.repro import Minimizer, Signature
+from graphopt.verification.interpreter import native_run, reference_run
 
 aten = torch.ops.aten
 PREFIX = {"relu": "cleanup,fold-bn", "kernel": "cleanup,fold-bn", "int8": "cleanup,fold-bn"}

@@ -23,9 +23,9 @@ from torch.fx import GraphModule, Node
 
 import graphopt
 from graphopt import Contract, Pass, PassResult
-from graphopt.pass_manager import PassContext
-from graphopt.passes_base import parse_pipeline
-from graphopt.rewriter import Rewriter, apply_rules
+from graphopt.ir.rewriter import Rewriter, apply_rules
+from graphopt.pipeline.parse import parse_pipeline
+from graphopt.pipeline.passes import PassContext
 from graphopt.tools import report, svg
 from graphopt.tools.cli import load_model, main
 from graphopt.tools.debug import pass_labels

@@ -1,0 +1,5 @@
+"""Libraries shared by passes (not passes: nothing here registers one): fusion analysis, pattern
+matching helpers, calibration observers, the channel-pruning dependency analysis.
+
+May import: the core stages (graphopt.ir, graphopt.ops, graphopt.verification, graphopt.pipeline).
+"""
