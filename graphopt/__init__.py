@@ -26,6 +26,7 @@ from graphopt.frontends.exported import StaticShapeWarning
 from graphopt.frontends.onnx_import import OnnxModule, load_onnx
 from graphopt.ir.graph import format_graph, propagate_meta
 from graphopt.ir.rewriter import Rewriter, apply_rules
+from graphopt.ir.rules import Call, Const, Match, Rule
 from graphopt.pipeline.manager import EquivalenceWarning, PassManager
 from graphopt.pipeline.parse import OPT_LEVELS, parse_pipeline
 from graphopt.pipeline.passes import (
@@ -33,6 +34,8 @@ from graphopt.pipeline.passes import (
     Pass,
     PassContext,
     PassResult,
+    RulePass,
+    option,
     register_group,
     register_pass,
     registered_passes,
@@ -43,6 +46,12 @@ from graphopt.runtime.recover import recover
 from graphopt.verification.contracts import Contract
 
 __all__ = [
+    "Call",
+    "Const",
+    "Match",
+    "Rule",
+    "RulePass",
+    "option",
     "CaptureError",
     "CompiledModule",
     "Contract",

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-from graphopt.errors import CaptureError, GraphoptError
-from graphopt.frontends import onnx_import
-from graphopt.frontends.capture import capture
+from graphopt.errors import GraphoptError
+from graphopt.frontends.capture import capture, signature_for, source_of
 from graphopt.frontends.exported import as_args
-from graphopt.frontends.signature import InputSignature
 from graphopt.pipeline.manager import Event, PassManager
 from graphopt.pipeline.passes import PipelineItem
 from graphopt.runtime.compiled import CompiledModule
@@ -55,22 +53,16 @@ def compile(
     ``EquivalenceError`` (``on_fail="raise"``). ``.report`` on the result has the per-pass table.
 
     ``calibration_data`` (for ``int8``): an iterable of batches, each shaped like
-    ``example_inputs`` (a tensor or a tuple of positional inputs). Without it, the example
-    inputs are the only calibration batch. Under ``torch.distributed``, each process passes its
-    own shard and the observers are all-reduced, so every process gets the same model.
+    ``example_inputs`` (a tensor or a tuple of positional inputs). It is read once, batch by
+    batch, and never copied: a generator or a DataLoader works, and only the first batch is
+    kept (the per-layer sensitivity check runs on it). Without it, the example inputs are the
+    only calibration batch. Under ``torch.distributed``, each process passes its own shard and
+    the observers are all-reduced, so every process gets the same model.
 
     ``model`` may be an ONNX file path or ``onnx.ModelProto``; ``example_inputs`` are then
     optional (synthesized from the ONNX input types) and every symbolic ONNX dim stays dynamic.
     """
-    if onnx_import.is_onnx_source(model):  # an ONNX file or ModelProto: import it first
-        model = onnx_import.load_onnx(model)
-    if example_inputs is None and isinstance(model, onnx_import.OnnxModule):
-        example_inputs = model.example_inputs()
-    if not isinstance(model, torch.nn.Module):
-        raise CaptureError(
-            f"graphopt.compile takes a torch.nn.Module or an ONNX file, got {type(model).__name__}; wrap a "
-            "function in an nn.Module"
-        )
+    model, example_inputs = source_of(model, example_inputs)
     args = as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     resolved = resolve_target(target, model, args)
@@ -81,11 +73,8 @@ def compile(
         max_rewrites=max_rewrites,
         target=resolved,
         on_event=on_event,
+        calibration=None if calibration_data is None else flat_batches(calibration_data, kwargs),
     )
-    if calibration_data is not None:
-        manager.ctx.calibration = [
-            pytree.tree_leaves((as_args(batch), kwargs)) for batch in calibration_data
-        ]
     gm = capture(model, args, kwargs, dynamic_batch=dynamic_batch)
     info = gm.meta["graphopt_capture"]
     flat_inputs = pytree.tree_leaves((args, kwargs))
@@ -93,7 +82,20 @@ def compile(
     report.capture = info
     optimized.meta["graphopt_capture"] = info
     spec = ",".join(item.spec() for item in manager.items)
-    signature = InputSignature.of(args, kwargs, info["dynamic_batch"])
-    if "dynamic_dims" in info:  # ONNX: every symbolic dim may vary, not only dim 0
-        signature = onnx_import.input_signature(args, info)
+    signature = signature_for(args, kwargs, info)
     return CompiledModule(optimized, signature, report=report, pipeline=spec, target=resolved)
+
+
+def flat_batches(
+    batches: Iterable[Any], kwargs: dict[str, Any] | None = None
+) -> Iterator[list[Any]]:
+    """Calibration batches as the pass manager takes them: each batch (a tensor or a tuple of
+    positional inputs, like ``example_inputs``) flattened with the example ``kwargs``, lazily:
+    ``batches`` is read as the result is, once."""
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, (torch.Tensor, tuple, list)):
+            raise GraphoptError(
+                f"calibration batch {index} is a {type(batch).__name__}; give each batch as the "
+                "example inputs are given: a tensor, or a tuple of the model's positional inputs"
+            )
+        yield pytree.tree_leaves((as_args(batch), kwargs or {}))

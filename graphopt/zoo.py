@@ -1,11 +1,15 @@
-"""A built-in model zoo: small, download-free models for the demo, the tests and the benchmarks.
+"""The model zoo: graphopt's one model registry, for the demo, the CLI, the tests and the benchmarks.
 
-Every entry is a factory ``(batch: int) -> (model, example_inputs)`` with deterministic random
-weights (and non-trivial batch-norm statistics, so folding them is a real rewrite).
+Every entry is a factory ``(batch: int, ...) -> (model, example_inputs)`` with deterministic random
+weights and inputs; nothing is downloaded. ``ZOO`` holds graphopt's own small models (with
+non-trivial batch-norm statistics, so folding them is a real rewrite); ``EXTERNAL`` holds full-size
+models built from torchvision and Hugging Face transformers configs, which raise
+``ModelUnavailable`` where their package is missing. ``get`` builds any of them by name.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -221,20 +225,20 @@ def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
         return _randomize_norms(build(), seed=1)
 
 
-def resnet(batch: int = 4, image: int = 32) -> tuple[nn.Module, tuple[Any, ...]]:
-    return _seeded(ResNetSmall), (
-        torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(2)),
-    )
-
-
-def mobilenet(batch: int = 4, image: int = 32) -> tuple[nn.Module, tuple[Any, ...]]:
-    return _seeded(MobileNetSmall), (
-        torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(2)),
-    )
+def _images(batch: int, size: int) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
 
 
 def _tokens(batch: int, seq: int) -> torch.Tensor:
     return torch.randint(0, 1000, (batch, seq), generator=torch.Generator().manual_seed(2))
+
+
+def resnet(batch: int = 4, image: int = 32) -> tuple[nn.Module, tuple[Any, ...]]:
+    return _seeded(ResNetSmall), (_images(batch, image),)
+
+
+def mobilenet(batch: int = 4, image: int = 32) -> tuple[nn.Module, tuple[Any, ...]]:
+    return _seeded(MobileNetSmall), (_images(batch, image),)
 
 
 def bert(batch: int = 4, seq: int = 32, layers: int = 2) -> tuple[nn.Module, tuple[Any, ...]]:
@@ -260,8 +264,74 @@ ZOO: dict[str, Factory] = {
 }
 
 
+# -- full-size models from torchvision and transformers, built from their configs ----------------
+
+
+class ModelUnavailable(GraphoptError):
+    """A zoo model needs a package (torchvision, transformers) that cannot be imported here."""
+
+
+def _package(module: str) -> Any:
+    """``module`` imported, or ``ModelUnavailable`` naming the package and why it failed."""
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # not installed, or built for another torch
+        package = module.partition(".")[0]
+        raise ModelUnavailable(f"{package} unavailable ({type(exc).__name__}: {exc})") from None
+
+
+def _seeded_as_built(build: Callable[[], nn.Module]) -> nn.Module:
+    """Seeded like the zoo's own models, but with the library's initialization left as it is: the
+    benchmark measures these architectures as their libraries build them."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build().eval()
+
+
+def resnet50(batch: int = 4, image: int = 224) -> tuple[nn.Module, tuple[Any, ...]]:
+    tvm = _package("torchvision.models")
+    return _seeded_as_built(lambda: tvm.resnet50(weights=None)), (_images(batch, image),)
+
+
+def mobilenet_v3(batch: int = 4, image: int = 224) -> tuple[nn.Module, tuple[Any, ...]]:
+    tvm = _package("torchvision.models")
+    return _seeded_as_built(lambda: tvm.mobilenet_v3_large(weights=None)), (_images(batch, image),)
+
+
+def bert_base(batch: int = 4, seq: int = 128) -> tuple[nn.Module, tuple[Any, ...]]:
+    tf = _package("transformers")
+    return _seeded_as_built(lambda: tf.BertModel(tf.BertConfig())), (_tokens(batch, seq),)
+
+
+def gpt2(batch: int = 4, seq: int = 128) -> tuple[nn.Module, tuple[Any, ...]]:
+    tf = _package("transformers")
+    model = _seeded_as_built(lambda: tf.GPT2LMHeadModel(tf.GPT2Config(use_cache=False)))
+    return model, (_tokens(batch, seq),)
+
+
+def vit_base(batch: int = 4) -> tuple[nn.Module, tuple[Any, ...]]:
+    tf = _package("transformers")
+    config = tf.ViTConfig()  # 224 x 224 images in 16 x 16 patches
+    return _seeded_as_built(lambda: tf.ViTModel(config)), (_images(batch, config.image_size),)
+
+
+EXTERNAL: dict[str, Factory] = {
+    "resnet50": resnet50,
+    "mobilenet_v3": mobilenet_v3,
+    "bert-base": bert_base,
+    "gpt2": gpt2,
+    "vit-base": vit_base,
+}
+
+MODELS: dict[str, Factory] = {**ZOO, **EXTERNAL}
+
+
 def get(name: str, **kwargs: Any) -> tuple[nn.Module, tuple[Any, ...]]:
-    """Build a zoo model and example inputs: ``model, inputs = zoo.get("resnet", batch=8)``."""
-    if name not in ZOO:
-        raise GraphoptError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)}")
-    return ZOO[name](**kwargs)
+    """Build a zoo model and example inputs: ``model, inputs = zoo.get("resnet", batch=8)``.
+
+    Raises ``GraphoptError`` for an unknown name and ``ModelUnavailable`` where an ``EXTERNAL``
+    model's package is missing.
+    """
+    if name not in MODELS:
+        raise GraphoptError(f"unknown zoo model {name!r}; the zoo has {', '.join(MODELS)}")
+    return MODELS[name](**kwargs)

@@ -1,4 +1,6 @@
-"""Triton kernels and their host wrappers (see DESIGN.md, "Lowering and kernels").
+"""Triton kernels and their host wrappers: the GEMMs with fused epilogues (gemm, int8_gemm), norms,
+softmax, attention, the fused-group code generator (codegen, codegen_ops), the activation table
+(activations, with its Triton side in epilogue) and graphopt's disk cache folder (cache).
 
-Kernels land with the fusion work (issue 4); on ``target="cpu"`` graphopt needs none.
+May import: graphopt.errors, graphopt.ir.
 """

@@ -62,6 +62,8 @@ import torch
 
 from graphopt.errors import GraphoptError, SerializationError
 from graphopt.ir.program import Program, Ref
+from graphopt.kernels.activations import has_math_erf
+from graphopt.kernels.cache import cache_dir
 from graphopt.kernels.codegen_ops import (
     ERF_FALLBACK,
     HELPERS,
@@ -524,14 +526,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _has_math_erf() -> bool:
-    try:
-        import triton.language as tl
-    except ImportError:  # generating text only
-        return True
-    return hasattr(tl.math, "erf")
-
-
 def _helpers_source(names: frozenset[str], interp: bool) -> list[str]:
     """The helper functions the kernel calls, each after the helpers it calls."""
     order: list[str] = []
@@ -548,7 +542,7 @@ def _helpers_source(names: frozenset[str], interp: bool) -> list[str]:
     for name in order:
         helper = HELPERS[name]
         body = helper.interpreter if interp else helper.gpu
-        if name == "_erf" and not _has_math_erf():
+        if name == "_erf" and not has_math_erf():
             body = ERF_FALLBACK
         out += ["", "", "@triton.jit", f"def {name}({helper.params}):", body.rstrip("\n")]
     return out
@@ -815,11 +809,6 @@ def clear_memory_cache() -> None:
     _MODULES.clear()
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("GRAPHOPT_CACHE_DIR") or Path.home() / ".cache" / "graphopt"
-    return Path(root) / "kernels"
-
-
 def _input_key(inputs: Sequence[Any]) -> tuple[Any, ...]:
     """What a plan depends on: dtypes, ranks, broadcast pattern (dims of size 1), device."""
     return tuple(
@@ -855,7 +844,7 @@ def _key_text(program: Program, inputs: Sequence[Any], layout_key: tuple[Any, ..
         for x in inputs
     )
     target = "interpret" if _interpreting() else "gpu"
-    erf = "" if _has_math_erf() else ":erf-fallback"
+    erf = "" if has_math_erf() else ":erf-fallback"
     return f"v{VERSION}:{target}{erf} program={program.key} inputs={ins} layout={layout_key!r}"
 
 
@@ -890,7 +879,7 @@ def _kernel_module(
         return module
     key_text = _key_text(program, inputs, layout.key)
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
-    directory = _cache_dir()
+    directory = cache_dir() / "kernels"
     path, name = directory / f"{key}.py", f"graphopt_kernel_{key}"
     module = _load_cached(path, key_text, name)
     if module is not None:

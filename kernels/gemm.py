@@ -20,80 +20,62 @@ import triton
 import triton.language as tl
 
 from graphopt.errors import GraphoptError
+from graphopt.kernels.activations import EPILOGUES
+from graphopt.kernels.epilogue import HAS_ERF, apply_activation
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_HAS_ERF = hasattr(tl.math, "erf")
 
-EPILOGUES = ("none", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
+# one small tile under the interpreter, which would run every config while autotuning
+INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of the fp16/bf16/fp32 GEMM
+TILES = [
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 4),
+    (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (32, 64, 64, 5, 2),
+]
 
 
-def _configs() -> list[triton.Config]:
+def tile_configs(
+    tiles: list[tuple[int, int, int, int, int]], interpreter_tile: dict[str, int] = INTERPRETER_TILE
+) -> list[triton.Config]:
+    """Autotune configs of a grouped-order GEMM (``GROUP_M`` 8), one per
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); only ``interpreter_tile`` under
+    ``TRITON_INTERPRET=1``."""
     if _INTERPRET:
-        # The interpreter would run every config while autotuning; one small tile suffices.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
-    shapes = [
-        # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (32, 64, 64, 5, 2),
-    ]
+        return [triton.Config(dict(interpreter_tile))]
     return [
         triton.Config(
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
             num_stages=stages,
             num_warps=warps,
         )
-        for bm, bn, bk, stages, warps in shapes
+        for bm, bn, bk, stages, warps in tiles
     ]
 
 
 @triton.jit
-def _erf(x, HAS_ERF: tl.constexpr):
-    if HAS_ERF:
-        y = tl.math.erf(x)
-    else:
-        # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), for a Triton without tl.math.erf.
-        a = tl.abs(x)
-        t = 1.0 / (1.0 + 0.3275911 * a)
-        poly = t * (
-            0.254829592
-            + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
-        )
-        r = 1.0 - poly * tl.exp(-a * a)
-        y = tl.where(x < 0, -r, r)
-    return y
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The (tile-row, tile-column) of program ``pid``: GROUP_M tile-rows are walked column by
+    column, so neighbouring programs share x and weight tiles in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
 
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (exp(2x) + 1): saturates to +-1 without inf/inf for large |x|.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _activation(x, ACTIVATION: tl.constexpr, HAS_ERF: tl.constexpr):
-    if ACTIVATION == "relu":
-        x = tl.maximum(x, 0.0)
-    elif ACTIVATION == "gelu":
-        x = 0.5 * x * (1.0 + _erf(x * 0.7071067811865476, HAS_ERF))
-    elif ACTIVATION == "gelu_tanh":
-        x = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-    elif ACTIVATION == "silu":
-        x = x / (1.0 + tl.exp(-x))
-    elif ACTIVATION == "sigmoid":
-        x = 1.0 / (1.0 + tl.exp(-x))
-    elif ACTIVATION == "tanh":
-        x = _tanh(x)
-    return x
-
-
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET"])
+@triton.autotune(configs=tile_configs(TILES), key=["M_BUCKET", "N_BUCKET", "K_BUCKET"])
 @triton.jit
 def _linear_kernel(
     x_ptr,
@@ -126,17 +108,7 @@ def _linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M tile-rows are walked column by column.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -159,7 +131,7 @@ def _linear_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
-    acc = _activation(acc, ACTIVATION, HAS_ERF)
+    acc = apply_activation(acc, ACTIVATION, HAS_ERF)
     mask = (offs_m[:, None] < M) & n_mask[None, :]
     rows = offs_m[:, None].to(tl.int64)
     if HAS_RESIDUAL:
@@ -263,6 +235,6 @@ def linear(
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, r2.stride(0), r2.stride(1), float(alpha),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation,
-        DOT_PRECISION=precision, UPCAST_DOT=upcast, HAS_ERF=_HAS_ERF,
+        DOT_PRECISION=precision, UPCAST_DOT=upcast, HAS_ERF=HAS_ERF,
     )  # fmt: skip
     return y

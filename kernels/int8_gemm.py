@@ -35,13 +35,13 @@ import triton
 import triton.language as tl
 
 from graphopt.errors import GraphoptError
-from graphopt.kernels.gemm import _HAS_ERF, _activation
+from graphopt.kernels.activations import INT8_EPILOGUES
+from graphopt.kernels.epilogue import HAS_ERF, apply_activation
+from graphopt.kernels.gemm import grouped_tile, tile_configs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _AMAX_EPS = 1e-12  # all-zero rows get a tiny scale (and codes 0) instead of 0 / 0
-
-INT8_EPILOGUES = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 # w8a16: M up to this is "decode" (16-row tiles, split-K when the N tiles cannot fill the GPU).
 W8A16_SMALL_M = 16
@@ -51,58 +51,34 @@ _QUANT_TILE = 4096  # elements of one quantizer program's tile
 _REDUCE_BLOCK = 1024
 
 
-def _int8_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        # The interpreter would run every config while autotuning; one small tile suffices.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
-    shapes = [
-        # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps (int8: 128-byte K rows)
-        (128, 256, 128, 3, 8),
-        (256, 128, 128, 3, 8),
-        (128, 128, 128, 4, 4),
-        (128, 128, 128, 3, 8),
-        (128, 128, 64, 4, 4),
-        (64, 128, 128, 4, 4),
-        (128, 64, 128, 4, 4),
-        (64, 64, 128, 4, 4),
-        (32, 64, 128, 4, 4),
-        (16, 64, 256, 3, 4),
-    ]
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-            num_stages=stages,
-            num_warps=warps,
-        )
-        for bm, bn, bk, stages, warps in shapes
-    ]
-
-
-def _w8a16_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
-    shapes = [
-        # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
-        (16, 32, 128, 4, 4),
-        (16, 64, 128, 4, 4),
-        (16, 64, 256, 3, 4),
-        (16, 128, 128, 4, 4),
-        (16, 128, 64, 5, 4),
-        (16, 32, 256, 4, 2),
-        (32, 64, 128, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 128, 64, 3, 8),
-        (128, 64, 64, 4, 4),
-    ]
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-            num_stages=stages,
-            num_warps=warps,
-        )
-        for bm, bn, bk, stages, warps in shapes
-    ]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); int8 x int8 tiles read 128-byte K rows
+INT8_TILES = [
+    (128, 256, 128, 3, 8),
+    (256, 128, 128, 3, 8),
+    (128, 128, 128, 4, 4),
+    (128, 128, 128, 3, 8),
+    (128, 128, 64, 4, 4),
+    (64, 128, 128, 4, 4),
+    (128, 64, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+    (32, 64, 128, 4, 4),
+    (16, 64, 256, 3, 4),
+]
+# w8a16: 16-row tiles for decode, larger ones for prefill (_prune_w8a16 picks the family)
+W8A16_TILES = [
+    (16, 32, 128, 4, 4),
+    (16, 64, 128, 4, 4),
+    (16, 64, 256, 3, 4),
+    (16, 128, 128, 4, 4),
+    (16, 128, 64, 5, 4),
+    (16, 32, 256, 4, 2),
+    (32, 64, 128, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 128, 64, 3, 8),
+    (128, 64, 64, 4, 4),
+]
+W8A16_INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
 
 def _prune_w8a16(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list:
@@ -110,20 +86,6 @@ def _prune_w8a16(configs: list[triton.Config], named_args: dict, **kwargs: objec
     m = named_args["M_BUCKET"]
     keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= 16) == (m <= W8A16_SMALL_M)]
     return keep or configs
-
-
-@triton.jit
-def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # GROUP_M tile-rows are walked column by column, so neighbours share tiles in L2.
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -143,7 +105,7 @@ def _quantize(v, scale):
     return _round_half_even(q).to(tl.int8)
 
 
-@triton.autotune(configs=_int8_configs(), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=tile_configs(INT8_TILES), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _int8_gemm_kernel(
     x_ptr,
@@ -176,7 +138,7 @@ def _int8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -204,7 +166,7 @@ def _int8_gemm_kernel(
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0)
             y = y + bias.to(tl.float32)[None, :]
-        y = _activation(y, ACTIVATION, HAS_ERF)
+        y = apply_activation(y, ACTIVATION, HAS_ERF)
         if REQUANT:
             if OUT_SCALE_FROM_PTR:
                 out_scale = tl.load(out_scale_ptr)
@@ -214,7 +176,7 @@ def _int8_gemm_kernel(
 
 
 @triton.autotune(
-    configs=_w8a16_configs(),
+    configs=tile_configs(W8A16_TILES, W8A16_INTERPRETER_TILE),
     key=["M_BUCKET", "N", "K", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune_w8a16},
 )
@@ -247,7 +209,7 @@ def _w8a16_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     # Split pid_k reduces K blocks [k_first, k_last); a trailing split may get none (zeros).
     k_blocks = tl.cdiv(K, BLOCK_K)
@@ -285,7 +247,7 @@ def _w8a16_kernel(
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0)
             y = y + bias.to(tl.float32)[None, :]
-        y = _activation(y, ACTIVATION, HAS_ERF)
+        y = apply_activation(y, ACTIVATION, HAS_ERF)
         tl.store(y_ptr + rows * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         part_ptrs = part_ptr + (pid_k * M + rows) * N + offs_n[None, :]
@@ -318,7 +280,7 @@ def _split_k_epilogue_kernel(
     y = acc * tl.load(ws_ptr + cols * stride_ws, mask=mask, other=0.0)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + cols * stride_bias, mask=mask, other=0.0).to(tl.float32)
-    y = _activation(y, ACTIVATION, HAS_ERF)
+    y = apply_activation(y, ACTIVATION, HAS_ERF)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -467,7 +429,7 @@ def _launch_int8(
         bias.stride(0) if bias is not None else 0, scale_value,
         RAW=raw, HAS_BIAS=bias is not None, ACTIVATION=activation,
         REQUANT=out_scale is not None, OUT_SCALE_FROM_PTR=scale_tensor is not None,
-        HAS_ERF=_HAS_ERF,
+        HAS_ERF=HAS_ERF,
     )  # fmt: skip
 
 
@@ -549,7 +511,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _choose_split_k(m: int, n: int, k: int, device: torch.device) -> int:
+def choose_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """Splits of K for w8a16: only for decode-sized M, until the tiles about fill the GPU."""
     if m > W8A16_SMALL_M:
         return 1
@@ -595,7 +557,7 @@ def w8a16_linear(
         return y
     x2, w2, m, n, k = _as_2d(x, wq)
     ws, stride_ws = _flat_scale(w_scale)
-    split = _choose_split_k(m, n, k, x.device)
+    split = choose_split_k(m, n, k, x.device)
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
     # The interpreter multiplies bfloat16 tiles as raw uint16 bits; give it fp32 instead.
     upcast = _INTERPRET and x.dtype == torch.bfloat16
@@ -610,13 +572,13 @@ def w8a16_linear(
         x2.stride(0), x2.stride(1), w2.stride(0), w2.stride(1), stride_ws,
         bias.stride(0) if bias is not None else 0,
         SPLIT_K=split, HAS_BIAS=bias is not None, ACTIVATION=activation,
-        DOT_PRECISION=precision, UPCAST_DOT=upcast, HAS_ERF=_HAS_ERF,
+        DOT_PRECISION=precision, UPCAST_DOT=upcast, HAS_ERF=HAS_ERF,
     )  # fmt: skip
     if split > 1:
         _split_k_epilogue_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
             part, ws, bias if bias is not None else y, y, m, n, stride_ws,
             bias.stride(0) if bias is not None else 0,
-            SPLIT_K=split, HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_ERF=_HAS_ERF,
+            SPLIT_K=split, HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_ERF=HAS_ERF,
             BLOCK=_REDUCE_BLOCK,
         )  # fmt: skip
     return y

@@ -42,6 +42,9 @@ class CommonSubexpressionElimination(Pass):
 
     before:  %a = mul(%x, 2); %b = mul(%x, 2); %c = add(%a, %b)
     after:   %a = mul(%x, 2); %c = add(%a, %a)
+
+    Not a rule table: a node's match is any earlier node with the same key, anywhere in the
+    graph (a table of everything seen so far), not a pattern around an anchor.
     """
 
     name = "cse"

@@ -18,6 +18,9 @@ class DeadCodeElimination(Pass):
 
     before:  %a = relu(%x); %b = neg(%x); return %a
     after:   %a = relu(%x); return %a
+
+    Not a rule table: a node is dead by what uses it, not by a pattern around it, and erasing
+    it can kill its producers, so the walk goes backwards over the whole graph in one sweep.
     """
 
     name = "dce"

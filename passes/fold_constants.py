@@ -31,6 +31,9 @@ class FoldConstants(Pass):
     and only if it is at most ``max_bytes``; creation ops with no tensor input are not stored.
     A value that some node writes in place (``%c = arange(4); add_(%c, %x)``) is not a constant:
     storing it would let that write land in the stored weight on every call.
+
+    Not a rule table: which values are constant is a forward analysis of the whole graph
+    (evaluated once, node by node), and what is stored depends on the users of each value.
     """
 
     name = "fold-constants"

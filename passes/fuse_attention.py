@@ -11,23 +11,22 @@ import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.ir.graph import tensor_val
-from graphopt.ir.rewriter import Rewriter, apply_rules
+from graphopt.ir.rules import Call, Match, Rule
 from graphopt.passes.lib.patterns import (
     ADDS,
     DIVS,
     MULS,
-    Miss,
     arg,
     broadcasts_to,
     constant_value,
     escaped,
-    graph_order,
     is_call,
+    module_of,
     operands,
     scalar,
     shape,
 )
-from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.pipeline.passes import RulePass, register_pass
 from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
@@ -36,7 +35,6 @@ MATMULS = (aten.matmul.default, aten.bmm.default)
 SOFTMAXES = (aten.softmax.int, aten._softmax.default)
 FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor)
 NOTS = (aten.bitwise_not.default, aten.logical_not.default)
-RULE = "attention"
 
 
 @dataclass
@@ -99,7 +97,7 @@ def _untransposed(node: Any) -> Node | None:
     return None
 
 
-def _walk_scores(gm: GraphModule, sc: _Scores, s: Any) -> Node | Miss:
+def _walk_scores(gm: GraphModule, sc: _Scores, s: Any) -> Node | str:
     """Walk up from the softmax input through masks and scales to ``q @ k^T``."""
     scaled = False
     while True:
@@ -109,7 +107,7 @@ def _walk_scores(gm: GraphModule, sc: _Scores, s: Any) -> Node | Miss:
                 break
             if sc.add_mask is not None or scaled:
                 where = "twice" if sc.add_mask is not None else "before the scale"
-                return Miss(RULE, f"additive mask %{s.name} is applied {where}")
+                return f"additive mask %{s.name} is applied {where}"
             sc.add_mask = ab[1 - side]
             sc.nodes.append(s)
             s = ab[side]
@@ -117,7 +115,7 @@ def _walk_scores(gm: GraphModule, sc: _Scores, s: Any) -> Node | Miss:
             value = scalar(gm, s.args[2])
             if sc.fill_mask is not None or value != -math.inf:
                 why = "twice" if sc.fill_mask is not None else f"with {value}, not -inf"
-                return Miss(RULE, f"%{s.name} masks the scores {why}")
+                return f"%{s.name} masks the scores {why}"
             sc.fill_mask = s.args[1]
             sc.nodes.append(s)
             s = s.args[0]
@@ -129,16 +127,16 @@ def _walk_scores(gm: GraphModule, sc: _Scores, s: Any) -> Node | Miss:
         else:
             break
     if not is_call(s, MATMULS):
-        return Miss(RULE, "the softmax input is not q @ k^T [* scale] [+ mask]")
+        return "the softmax input is not q @ k^T [* scale] [+ mask]"
     return s
 
 
-def _match(gm: GraphModule, node: Node) -> _Attention | Miss | None:
+def _match(gm: GraphModule, node: Node) -> _Attention | str | None:
     p, v = node.args
     nodes = [node]
     if is_call(p, (aten.dropout.default,)) and is_call(p.args[0], SOFTMAXES):
         if arg(p, 2, "train", True) is not False:
-            return Miss(RULE, f"%{p.name} is dropout in training mode")
+            return f"%{p.name} is dropout in training mode"
         nodes.append(p)
         p = p.args[0]
     if not is_call(p, SOFTMAXES) or not isinstance(v, Node):
@@ -147,15 +145,15 @@ def _match(gm: GraphModule, node: Node) -> _Attention | Miss | None:
     rank = len(shape(p) or [])
     half = p.args[2] if p.target == aten._softmax.default else arg(p, 2, "dtype") is not None
     if p.args[1] not in (-1, rank - 1) or half:
-        return Miss(RULE, f"%{p.name} is not a softmax over the last dim in the input dtype")
+        return f"%{p.name} is not a softmax over the last dim in the input dtype"
     sc = _Scores(nodes=nodes)
     qk = _walk_scores(gm, sc, p.args[0])
-    if isinstance(qk, Miss):
+    if isinstance(qk, str):
         return qk
     q, kt = qk.args
     k = _untransposed(kt)
     if k is None:
-        return Miss(RULE, f"%{kt.name} is not k with its last two dims swapped")
+        return f"%{kt.name} is not k with its last two dims swapped"
     sc.nodes += [qk, kt]
     if len(q.users) == 1 and (found := _scaled(gm, q)) is not None:  # (q * scale) @ k^T
         sc.nodes.append(q)
@@ -164,29 +162,29 @@ def _match(gm: GraphModule, node: Node) -> _Attention | Miss | None:
     return _check(_Attention(q, k, v, qk, sc), node)
 
 
-def _check(att: _Attention, node: Node) -> _Attention | Miss:
+def _check(att: _Attention, node: Node) -> _Attention | str:
     qs, ks, vs, ss = shape(att.q), shape(att.k), shape(att.v), shape(att.qk)
     if qs is None or ks is None or vs is None or ss is None:
-        return Miss(RULE, "q, k or v is not a tensor")
+        return "q, k or v is not a tensor"
     if not (len(qs) == len(ks) == len(vs) and len(qs) in (3, 4)):
-        return Miss(RULE, f"q, k, v have ranks {len(qs)}, {len(ks)}, {len(vs)}; want 3 or 4")
+        return f"q, k, v have ranks {len(qs)}, {len(ks)}, {len(vs)}; want 3 or 4"
     if not (qs[:-2] == ks[:-2] == vs[:-2] and qs[-1] == ks[-1] and ks[-2] == vs[-2]):
-        return Miss(RULE, f"q, k, v shapes {qs}, {ks}, {vs} are not consistent")
+        return f"q, k, v shapes {qs}, {ks}, {vs} are not consistent"
     dtypes = {tensor_val(n).dtype for n in (att.q, att.k, att.v)}  # type: ignore[union-attr]
     dtype = dtypes.pop()
     if dtypes or not dtype.is_floating_point:
-        return Miss(RULE, "q, k, v are not all of one floating dtype")
+        return "q, k, v are not all of one floating dtype"
     sc = att.scores
     if sc.scale <= 0:
-        return Miss(RULE, f"the scale {sc.scale:g} is not positive")
+        return f"the scale {sc.scale:g} is not positive"
     for mask, want in ((sc.add_mask, dtype), (sc.fill_mask, torch.bool)):
         mv = tensor_val(mask)
         if mask is None:
             continue
         if mv is None or mv.dtype != want or not broadcasts_to(shape(mask) or [], ss):
-            return Miss(RULE, f"mask %{mask} is not a {want} tensor broadcastable to {ss}")
+            return f"mask %{mask} is not a {want} tensor broadcastable to {ss}"
     if (leak := escaped(node, sc.nodes)) is not None:
-        return Miss(RULE, f"intermediate %{leak.name} has other users")
+        return f"intermediate %{leak.name} has other users"
     return att
 
 
@@ -204,52 +202,40 @@ def _is_causal(gm: GraphModule, fill: Node, qk: Node) -> bool:
     return torch.equal(~val.reshape(length, source), causal)
 
 
-def _mask_kwargs(rw: Rewriter, att: _Attention, node: Node, sources: list[Node]) -> dict[str, Any]:
+def _mask_kwargs(gm: GraphModule, att: _Attention) -> dict[str, Any]:
     fill, add = att.scores.fill_mask, att.scores.add_mask
-    if fill is not None and add is None and _is_causal(rw.gm, fill, att.qk):
+    if fill is not None and add is None and _is_causal(gm, fill, att.qk):
         return {"is_causal": True}
     if fill is not None and add is None:  # SDPA's bool mask is True where scores are kept
         kept = fill.args[0] if is_call(fill, NOTS) else None
         kept_val = tensor_val(kept)
         if kept_val is None or kept_val.dtype != torch.bool:
-            kept = rw.call(aten.logical_not.default, (fill,), before=node, sources=sources)
+            return {"attn_mask": Call(aten.logical_not.default, (fill,))}
         return {"attn_mask": kept}
     if fill is not None:  # both: one additive mask, -inf where the scores were filled
-        args = (fill, -math.inf, add)
-        where = rw.call(aten.where.ScalarSelf, args, before=node, sources=sources)
-        return {"attn_mask": where}
+        return {"attn_mask": Call(aten.where.ScalarSelf, (fill, -math.inf, add))}
     return {"attn_mask": add} if add is not None else {}
 
 
-def _attention(node: Node, rw: Rewriter) -> bool:
-    att = _match(rw.gm, node)
-    if att is None:
-        return False
-    if isinstance(att, Miss):
-        return rw.missed(att.rule, node, att.why)
-    sources = graph_order(att.scores.nodes)
-    kwargs = _mask_kwargs(rw, att, node, sources)
-    kwargs["scale"] = att.scores.scale
-    sdpa = rw.call(
-        aten.scaled_dot_product_attention.default,
-        (att.q, att.k, att.v),
-        kwargs,
-        before=node,
-        sources=sources,
-    )
-    rw.replace(node, sdpa)
-    return rw.applied(RULE)
+def _attention(node: Node) -> Match | str | None:
+    gm = module_of(node)
+    att = _match(gm, node)
+    if att is None or isinstance(att, str):
+        return att
+    kwargs = {**_mask_kwargs(gm, att), "scale": att.scores.scale}
+    sdpa = Call(aten.scaled_dot_product_attention.default, (att.q, att.k, att.v), kwargs)
+    return Match(att.scores.nodes, sdpa)
 
 
 RULES = [
     # softmax(q @ k^T * scale [+ mask]) [-> dropout(eval)] @ v -> sdpa(q, k, v, mask, scale)
-    ((aten.matmul.default, aten.bmm.default), _attention),
+    Rule("attention", (aten.matmul.default, aten.bmm.default), _attention),
 ]
 
 
 @register_pass
 @dataclass(frozen=True)
-class FuseAttention(Pass):
+class FuseAttention(RulePass):
     """Replace scaled dot-product attention written out in ops by one
     ``aten.scaled_dot_product_attention`` call (3-D or 4-D q, k, v).
 
@@ -268,8 +254,5 @@ class FuseAttention(Pass):
     name = "fuse-attention"
     contract = Contract.rounding()
     runs_before = ("fuse-pointwise",)
-
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        rw = ctx.rewriter(gm)
-        apply_rules(gm, RULES, rw)
-        return PassResult(rw.rewrites > 0, {"fused": rw.rewrites})
+    rules = RULES
+    stat = "fused"

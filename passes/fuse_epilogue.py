@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
-from graphopt.passes.lib.fusion import FusionRule, Match, apply_fusion_rules
-from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.ir.rules import Call, Judge, Match, Rule
+from graphopt.kernels.activations import ATEN_ACTIVATIONS, activation_of
+from graphopt.passes.lib.fusion import why_match_not_faster
+from graphopt.pipeline.passes import RulePass, register_pass
 from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
@@ -23,37 +25,14 @@ go = torch.ops.graphopt
 LINEAR = go.linear.default
 CONV = go.conv.default
 CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
-ACTS = (
-    aten.relu.default,
-    aten.gelu.default,
-    aten.silu.default,
-    aten.sigmoid.default,
-    aten.tanh.default,
-    aten.hardtanh.default,
-    aten.relu6.default,
-    aten.hardswish.default,
-)
+ACTS = ATEN_ACTIVATIONS  # the ATen calls that are some epilogue activation
+ADD = (aten.add.Tensor,)
+SCALES = (aten.mul.Tensor, aten.div.Tensor)
 
 
 def _activation(node: Node) -> str | None:
     """The epilogue name of an activation call, or None when it has no epilogue form."""
-    t = node.target
-    if t == aten.gelu.default:
-        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-        return "gelu_tanh" if approx == "tanh" else "gelu"
-    if t == aten.hardtanh.default:
-        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
-        return "relu6" if (lo, hi) == (0.0, 6.0) else None
-    names = {
-        aten.relu.default: "relu",
-        aten.relu6.default: "relu6",
-        aten.silu.default: "silu",
-        aten.sigmoid.default: "sigmoid",
-        aten.tanh.default: "tanh",
-        aten.hardswish.default: "hardswish",
-    }
-    return names.get(t)
+    return activation_of(node.target, node.args, node.kwargs)
 
 
 def _val(node: Any) -> torch.Tensor | None:
@@ -120,7 +99,7 @@ def _act_into_linear(node: Node) -> Match | str | None:
         return "the linear already ends in a residual add or activation"
     if (why := _single_use(producer, node)) is not None:
         return why
-    return Match([producer, node], LINEAR, (x, w, b, None, act, alpha))
+    return Match([producer, node], Call(LINEAR, (x, w, b, None, act, alpha)))
 
 
 def _act_into_conv(node: Node) -> Match | str | None:
@@ -136,7 +115,7 @@ def _act_into_conv(node: Node) -> Match | str | None:
         return "the convolution already ends in an activation"
     if (why := _single_use(producer, node)) is not None:
         return why
-    return Match([producer, node], CONV, (*parts[:-1], act))
+    return Match([producer, node], Call(CONV, (*parts[:-1], act)))
 
 
 def _residual(node: Node, parts_of: Any) -> tuple[Node, tuple[Any, ...], Node] | str | None:
@@ -171,7 +150,7 @@ def _residual_into_linear(node: Node) -> Match | str | None:
     producer, (x, w, b, r, act, alpha), other = found
     if r is not None:
         return "the linear already has a residual"
-    return Match([producer, node], LINEAR, (x, w, b, other, act, alpha))
+    return Match([producer, node], Call(LINEAR, (x, w, b, other, act, alpha)))
 
 
 def _residual_into_conv(node: Node) -> Match | str | None:
@@ -182,7 +161,7 @@ def _residual_into_conv(node: Node) -> Match | str | None:
     producer, parts, other = found
     if parts[3] is not None or parts[-1] != "none":
         return "the convolution already has a residual or an activation"
-    return Match([producer, node], CONV, (*parts[:3], other, *parts[4:]))
+    return Match([producer, node], Call(CONV, (*parts[:3], other, *parts[4:])))
 
 
 def _scale_into_linear(node: Node) -> Match | str | None:
@@ -197,25 +176,21 @@ def _scale_into_linear(node: Node) -> Match | str | None:
     if (why := _single_use(producer, node)) is not None:
         return why
     scale = float(s) if node.target == aten.mul.Tensor else 1.0 / float(s)
-    return Match([producer, node], LINEAR, (x, w, None, None, "none", alpha * scale))
+    return Match([producer, node], Call(LINEAR, (x, w, None, None, "none", alpha * scale)))
 
 
-RULES: list[FusionRule] = [
-    ("linear+act", ACTS, _act_into_linear),  # act(linear(x, w, b)) -> graphopt.linear(.., act)
-    ("conv+act", ACTS, _act_into_conv),  # act(conv(x, w, b) + r) -> graphopt.conv(.., r, act)
-    (
-        "linear+residual",
-        (aten.add.Tensor,),
-        _residual_into_linear,
-    ),  # linear(..) + r -> linear(.., r)
-    ("conv+residual", (aten.add.Tensor,), _residual_into_conv),  # conv(..) + r -> conv(.., r)
-    ("linear*scale", (aten.mul.Tensor, aten.div.Tensor), _scale_into_linear),  # linear(x, w) * s
+RULES = [
+    Rule("linear+act", ACTS, _act_into_linear),  # act(linear(x, w, b)) -> graphopt.linear(.., act)
+    Rule("conv+act", ACTS, _act_into_conv),  # act(conv(x, w, b) + r) -> graphopt.conv(.., r, act)
+    Rule("linear+residual", ADD, _residual_into_linear),  # linear(..) + r -> linear(.., r)
+    Rule("conv+residual", ADD, _residual_into_conv),  # conv(..) + r -> conv(.., r)
+    Rule("linear*scale", SCALES, _scale_into_linear),  # linear(x, w) * s -> linear(x, w, alpha=s)
 ]
 
 
 @register_pass
 @dataclass(frozen=True)
-class FuseEpilogue(Pass):
+class FuseEpilogue(RulePass):
     """Fold the ops that follow a GEMM or convolution into one ``graphopt`` call.
 
     before:  %y = linear(%x, %w, %b); %g = gelu(%y)
@@ -232,9 +207,9 @@ class FuseEpilogue(Pass):
     name = "fuse-epilogue"
     contract = Contract.rounding()
     runs_after = ("fold-bn",)
+    rules = RULES
+    stat = "fused"
     measure: bool = True
 
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        rw = ctx.rewriter(gm)
-        apply_fusion_rules(gm, RULES, rw, measure=self.measure)
-        return PassResult(rw.rewrites > 0, {"fused": sum(log.applied for log in rw.rules.values())})
+    def judge(self) -> Judge | None:
+        return why_match_not_faster if self.measure else None

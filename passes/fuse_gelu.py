@@ -9,22 +9,21 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir.rewriter import Rewriter, apply_rules
+from graphopt.ir.rules import Call, Match, Rule
 from graphopt.passes.lib.patterns import (
     ADDS,
     DIVS,
     MULS,
     POWS,
     SUBS,
-    Miss,
     close,
-    graph_order,
     is_call,
+    module_of,
     operands,
     same_type,
     scalar,
 )
-from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.pipeline.passes import RulePass, register_pass
 from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
@@ -110,7 +109,6 @@ def _poly_is(p: Poly, want: Poly) -> bool:
 
 @dataclass(frozen=True)
 class _Form:
-    rule: str
     approximate: str
     fn: str  # the op inside: erf or tanh
     argument: Poly  # its argument, as a polynomial in x
@@ -118,9 +116,8 @@ class _Form:
 
 
 _FORMS = {
-    aten.erf.default: _Form("gelu", "none", "erf", {1: ERF_SCALE}, "x / sqrt(2)"),
+    aten.erf.default: _Form("none", "erf", {1: ERF_SCALE}, "x / sqrt(2)"),
     aten.tanh.default: _Form(
-        "gelu-tanh",
         "tanh",
         "tanh",
         {1: TANH_SCALE, 3: TANH_SCALE * TANH_CUBIC},
@@ -129,48 +126,40 @@ _FORMS = {
 }
 
 
-@dataclass
-class _Gelu:
-    x: Node
-    approximate: str
-    rule: str
-    nodes: list[Node]
-
-
-def _match(gm: GraphModule, node: Node) -> _Gelu | Miss | None:
-    """``node`` as ``0.5 * x * (1 + erf(x / sqrt(2)))`` or the tanh form, factors in any order."""
+def _match(gm: GraphModule, node: Node, inner: Any) -> Match | str | None:
+    """``node`` as ``0.5 * x * (1 + inner(...))``, factors in any order, with ``inner`` erf
+    (``x / sqrt(2)`` inside) or tanh (``sqrt(2/pi) * (x + 0.044715 * x^3)`` inside)."""
     nodes: list[Node] = []
     coef, leaves = _product(gm, node, nodes)
     found = [(h, fn) for h in leaves for fn in _one_plus(h)]
-    if len(found) != 1:
-        return None  # no (1 + erf(...)) factor: not a gelu
+    if len(found) != 1 or found[0][1].target != inner:
+        return None  # no (1 + erf(...)) factor, or the other form's: not this gelu
     h, fn = found[0]
-    form = _FORMS[fn.target]
-    rule = form.rule
+    form = _FORMS[inner]
     one = next(a for a in h.args if a is not fn)
     if not close(scalar(gm, one), 1.0):
-        return Miss(rule, f"%{h.name} adds {one}, not 1, to {form.fn}(...)")
+        return f"%{h.name} adds {one}, not 1, to {form.fn}(...)"
     others = [leaf for leaf in leaves if leaf is not h]
     if len(others) != 1 or not isinstance(others[0], Node) or not close(coef, 0.5):
         shared = [n for n in others if is_call(n, MULS + DIVS) and len(n.users) > 1]
         if shared:
-            return Miss(rule, f"intermediate %{shared[0].name} has other users")
-        return Miss(
-            rule,
+            return f"intermediate %{shared[0].name} has other users"
+        return (
             f"the product is {coef:g} x {len(others)} factor(s) x %{h.name}, "
-            f"not 0.5 * x * (1 + {form.fn}(...))",
+            f"not 0.5 * x * (1 + {form.fn}(...))"
         )
     x = others[0]
-    for inner in (h, fn):
-        if len(inner.users) != 1:
-            return Miss(rule, f"intermediate %{inner.name} has other users")
+    for inner_node in (h, fn):
+        if len(inner_node.users) != 1:
+            return f"intermediate %{inner_node.name} has other users"
     arg_nodes: list[Node] = []
     p = _poly(gm, fn.args[0], x, arg_nodes)
     if p is None or not _poly_is(p, form.argument):
-        return Miss(rule, f"the {form.fn} argument is not {form.reads} with x = %{x.name}")
+        return f"the {form.fn} argument is not {form.reads} with x = %{x.name}"
     if not same_type(x, node):
-        return Miss(rule, f"%{x.name} and the result differ in shape or dtype")
-    return _Gelu(x, form.approximate, rule, nodes + arg_nodes + [h, fn])
+        return f"%{x.name} and the result differ in shape or dtype"
+    kwargs = {} if form.approximate == "none" else {"approximate": form.approximate}
+    return Match(nodes + arg_nodes + [h, fn], Call(aten.gelu.default, (x,), kwargs))
 
 
 def _one_plus(h: Any) -> list[Node]:
@@ -192,30 +181,34 @@ def _feeds_product(node: Node) -> bool:
     )
 
 
-def _gelu(node: Node, rw: Rewriter) -> bool:
-    found = _match(rw.gm, node)
-    if found is None:
-        return False
-    if isinstance(found, Miss):
-        # a larger product may still complete the pattern: judge it at the last factor
-        return False if _feeds_product(node) else rw.missed(found.rule, node, found.why)
-    kwargs = {} if found.approximate == "none" else {"approximate": found.approximate}
-    sources = graph_order(found.nodes)
-    gelu = rw.call(aten.gelu.default, (found.x,), kwargs, before=node, sources=sources)
-    rw.replace(node, gelu)
-    return rw.applied(found.rule)
+def _gelu(node: Node, inner: Any) -> Match | str | None:
+    found = _match(module_of(node), node, inner)
+    if isinstance(found, str) and _feeds_product(node):
+        return None  # a larger product may still complete the pattern: judge it at the last factor
+    return found
 
+
+def _erf_gelu(node: Node) -> Match | str | None:
+    return _gelu(node, aten.erf.default)
+
+
+def _tanh_gelu(node: Node) -> Match | str | None:
+    return _gelu(node, aten.tanh.default)
+
+
+PRODUCTS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
 
 RULES = [
     # x * 0.5 * (1 + erf(x / sqrt(2)))                          -> gelu(x)
+    Rule("gelu", PRODUCTS, _erf_gelu),
     # 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))   -> gelu(x, approximate="tanh")
-    ((aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar), _gelu),
+    Rule("gelu-tanh", PRODUCTS, _tanh_gelu),
 ]
 
 
 @register_pass
 @dataclass(frozen=True)
-class FuseGelu(Pass):
+class FuseGelu(RulePass):
     """Replace gelu written out in elementary ops by one ``aten.gelu`` call.
 
     The erf form ``0.5 * x * (1 + erf(x / sqrt(2)))`` becomes ``gelu(x)``; the tanh form
@@ -232,8 +225,5 @@ class FuseGelu(Pass):
     name = "fuse-gelu"
     contract = Contract.rounding()
     runs_before = ("fuse-pointwise",)
-
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        rw = ctx.rewriter(gm)
-        apply_rules(gm, RULES, rw)
-        return PassResult(rw.rewrites > 0, {"fused": rw.rewrites})
+    rules = RULES
+    stat = "fused"

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
-from graphopt.passes.lib.fusion import FusionRule, Match, apply_fusion_rules
-from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.ir.rules import Call, Judge, Match, Rule
+from graphopt.passes.lib.fusion import why_match_not_faster
+from graphopt.pipeline.passes import RulePass, register_pass
 from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
@@ -67,7 +68,8 @@ def _add_norm(node: Node) -> Match | str | None:
     if not same or va.dtype != vr.dtype:
         return "the residual add broadcasts or mixes dtypes"
     replaces = [(x, 1), (node, 0)] if len(x.users) > 1 else [(node, 0)]
-    return Match([x, node], go.add_norm.default, (a, r, w, b, eps, kind), replaces=replaces)
+    add_norm = Call(go.add_norm.default, (a, r, w, b, eps, kind))
+    return Match([x, node], add_norm, replaces=replaces)
 
 
 def _norm(node: Node) -> Match | str | None:
@@ -76,7 +78,7 @@ def _norm(node: Node) -> Match | str | None:
     if isinstance(parts, str):
         return parts
     x, w, b, eps, kind = parts
-    return Match([node], go.norm.default, (x, w, b, eps, kind))
+    return Match([node], Call(go.norm.default, (x, w, b, eps, kind)))
 
 
 def _fits(mask: torch.Tensor, x: torch.Tensor) -> bool:
@@ -109,7 +111,7 @@ def _softmax(node: Node) -> Match | str | None:
         if isinstance(s, (int, float)) and not isinstance(s, bool):
             scale = float(s) if x.target == aten.mul.Tensor else 1.0 / float(s)
             nodes, x = [x, *nodes], x.args[0]
-    return Match(nodes, go.softmax.default, (x, scale, mask))
+    return Match(nodes, Call(go.softmax.default, (x, scale, mask)))
 
 
 def _attention(node: Node) -> Match | str | None:
@@ -123,23 +125,25 @@ def _attention(node: Node) -> Match | str | None:
         return "attention with dropout"
     if node.kwargs.get("enable_gqa", False):
         return "grouped-query attention"
-    return Match([node], go.attention.default, (q, k, v, mask, scale, bool(causal)))
+    return Match([node], Call(go.attention.default, (q, k, v, mask, scale, bool(causal))))
 
 
 LAYER_NORMS = (aten.layer_norm.default, aten.rms_norm.default)
 SOFTMAXES = (aten._softmax.default, aten.softmax.int)
 
-RULES: list[FusionRule] = [
-    ("add+norm", LAYER_NORMS, _add_norm),  # layer_norm(a + r) -> graphopt.add_norm(a, r)
-    ("norm", LAYER_NORMS, _norm),  # layer_norm(x) -> graphopt.norm(x)
-    ("softmax", SOFTMAXES, _softmax),  # softmax(x * s + m) -> graphopt.softmax(x, s, m)
-    ("attention", (aten.scaled_dot_product_attention.default,), _attention),  # sdpa -> attention
+SDPA = (aten.scaled_dot_product_attention.default,)
+
+RULES = [
+    Rule("add+norm", LAYER_NORMS, _add_norm),  # layer_norm(a + r) -> graphopt.add_norm(a, r)
+    Rule("norm", LAYER_NORMS, _norm),  # layer_norm(x) -> graphopt.norm(x)
+    Rule("softmax", SOFTMAXES, _softmax),  # softmax(x * s + m) -> graphopt.softmax(x, s, m)
+    Rule("attention", SDPA, _attention),  # sdpa(q, k, v, m) -> graphopt.attention(q, k, v, m)
 ]
 
 
 @register_pass
 @dataclass(frozen=True)
-class FuseKernels(Pass):
+class FuseKernels(RulePass):
     """Route norms, softmax and attention to graphopt's kernel-backed ops.
 
     before:  %s = add(%x, %r); %y = layer_norm(%s, [768], %w, %b, 1e-05); ... uses of %s
@@ -152,9 +156,9 @@ class FuseKernels(Pass):
     name = "fuse-kernels"
     contract = Contract.rounding()
     runs_after = ("fuse-epilogue",)
+    rules = RULES
+    stat = "fused"
     measure: bool = True
 
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        rw = ctx.rewriter(gm)
-        apply_fusion_rules(gm, RULES, rw, measure=self.measure)
-        return PassResult(rw.rewrites > 0, {"fused": sum(log.applied for log in rw.rules.values())})
+    def judge(self) -> Judge | None:
+        return why_match_not_faster if self.measure else None

@@ -9,25 +9,24 @@ import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.ir.graph import tensor_val
-from graphopt.ir.rewriter import Rewriter, apply_rules
+from graphopt.ir.rules import Call, Match, Rule
 from graphopt.passes.lib.patterns import (
     ADDS,
     DIVS,
     MULS,
     POWS,
     SUBS,
-    Miss,
     arg,
     escaped,
-    graph_order,
     is_call,
     last_dim_only,
+    module_of,
     operands,
     same_type,
     scalar,
     shape,
 )
-from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.pipeline.passes import RulePass, register_pass
 from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
@@ -153,18 +152,11 @@ def _biased(var: Node) -> bool:
     return var.kwargs.get("correction") in (0, 0.0)
 
 
-@dataclass
-class _Norm:
-    rule: str  # "layernorm" or "rmsnorm"
-    x: Node
-    size: int
-    nodes: list[Node]
-
-
-def _match(gm: GraphModule, node: Node, split: _Split) -> _Norm | Miss:
+def _match(gm: GraphModule, node: Node, split: _Split) -> Match | str:
+    """The norm at ``node`` (a layer norm when the numerator is ``x - mean(x)``, else an RMS
+    norm) or why it is not one."""
     core = split.core
     centered = _centered(core.numer)
-    rule = "layernorm" if centered is not None else "rmsnorm"
     var = core.var
     nodes = [*split.nodes, *core.nodes, var]
     if centered is not None:
@@ -173,18 +165,18 @@ def _match(gm: GraphModule, node: Node, split: _Split) -> _Norm | Miss:
         nodes += [core.numer, mean]
         if is_call(var, VARS):
             if var.args[0] is not x or not _biased(var):
-                return Miss(rule, f"%{var.name} is not the biased variance of %{x.name}")
+                return f"%{var.name} is not the biased variance of %{x.name}"
         else:
             a = _square_of(gm, var.args[0]) if is_call(var, (aten.mean.dim,)) else None
             again = _centered(a) if a is not None and a is not core.numer else None
             if a is None or (a is not core.numer and not _same_mean(again, x, mean)):
-                return Miss(rule, f"%{var.name} is not mean((x - mean(x))^2) of %{x.name}")
+                return f"%{var.name} is not mean((x - mean(x))^2) of %{x.name}"
             nodes += [var.args[0], a, *(again or ())[1:]]
     else:
         x = core.numer
         reductions = [var]
         if not (is_call(var, (aten.mean.dim,)) and _square_of(gm, var.args[0]) is x):
-            return Miss(rule, f"%{var.name} is not mean(x^2) of the numerator %{x.name}")
+            return f"%{var.name} is not mean(x^2) of the numerator %{x.name}"
         nodes.append(var.args[0])
     xv = tensor_val(x)
     rank = 0 if xv is None else xv.dim()
@@ -192,14 +184,19 @@ def _match(gm: GraphModule, node: Node, split: _Split) -> _Norm | Miss:
         dims = arg(r, 1, "dim")
         dtype_ok = r.kwargs.get("dtype") is None
         if not (rank and last_dim_only(dims, rank) and _keepdim(r) is True and dtype_ok):
-            return Miss(rule, f"%{r.name} reduces over dims {dims}, not the last dim only")
+            return f"%{r.name} reduces over dims {dims}, not the last dim only"
     if (leak := escaped(node, nodes)) is not None:
-        return Miss(rule, f"intermediate %{leak.name} has other users")
+        return f"intermediate %{leak.name} has other users"
     if xv is None or not isinstance(xv.shape[-1], int):
-        return Miss(rule, f"the last dim of %{x.name} is symbolic")
+        return f"the last dim of %{x.name} is symbolic"
     if not same_type(x, node):
-        return Miss(rule, f"%{x.name} and the result differ in shape or dtype")
-    return _Norm(rule, x, xv.shape[-1], nodes)
+        return f"%{x.name} and the result differ in shape or dtype"
+    size, eps = [xv.shape[-1]], core.eps
+    if centered is not None:
+        norm = Call(aten.layer_norm.default, (x, size, split.weight, split.bias, eps))
+    else:
+        norm = Call(aten.rms_norm.default, (x, size, split.weight, eps))
+    return Match(nodes, norm)
 
 
 def _extended_by_user(gm: GraphModule, node: Node, split: _Split) -> bool:
@@ -210,35 +207,37 @@ def _extended_by_user(gm: GraphModule, node: Node, split: _Split) -> bool:
     return outer is not None and outer.core_node is split.core_node and _params_ok(outer)
 
 
-def _norm(node: Node, rw: Rewriter) -> bool:
-    gm = rw.gm
+def _norm(node: Node, centered: bool) -> Match | str | None:
+    gm = module_of(node)
     split = _split(gm, node)
     if split is None or not _params_ok(split) or _extended_by_user(gm, node, split):
-        return False
-    found = _match(gm, node, split)
-    if isinstance(found, Miss):
-        return rw.missed(found.rule, node, found.why)
-    sources = graph_order(found.nodes)
-    if found.rule == "layernorm":
-        args = (found.x, [found.size], split.weight, split.bias, split.core.eps)
-        fused = rw.call(aten.layer_norm.default, args, before=node, sources=sources)
-    else:
-        args = (found.x, [found.size], split.weight, split.core.eps)
-        fused = rw.call(aten.rms_norm.default, args, before=node, sources=sources)
-    rw.replace(node, fused)
-    return rw.applied(found.rule)
+        return None
+    if (_centered(split.core.numer) is not None) != centered:
+        return None  # the other norm's rule
+    return _match(gm, node, split)
 
+
+def _layernorm(node: Node) -> Match | str | None:
+    return _norm(node, centered=True)
+
+
+def _rmsnorm(node: Node) -> Match | str | None:
+    return _norm(node, centered=False)
+
+
+ANCHORS = (aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor)
 
 RULES = [
     # d = x - mean(x); (d / sqrt(mean(d*d) + eps)) * w + b  -> layer_norm(x, [N], w, b, eps)
+    Rule("layernorm", ANCHORS, _layernorm),
     # x * rsqrt(mean(x^2) + eps) * w                       -> rms_norm(x, [N], w, eps)
-    ((aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor), _norm),
+    Rule("rmsnorm", ANCHORS, _rmsnorm),
 ]
 
 
 @register_pass
 @dataclass(frozen=True)
-class FuseLayerNorm(Pass):
+class FuseLayerNorm(RulePass):
     """Replace layer norm and RMS norm over the last dim, written out in elementary ops, by
     one ``aten.layer_norm`` / ``aten.rms_norm`` call.
 
@@ -255,8 +254,5 @@ class FuseLayerNorm(Pass):
     name = "fuse-layernorm"
     contract = Contract.rounding()
     runs_before = ("fuse-pointwise",)
-
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        rw = ctx.rewriter(gm)
-        apply_rules(gm, RULES, rw)
-        return PassResult(rw.rewrites > 0, {"fused": rw.rewrites})
+    rules = RULES
+    stat = "fused"

@@ -1,17 +1,20 @@
 """fuse-pointwise: merge chains of pointwise ops (and row reductions) into generated kernels.
 
-Fusion analysis (``graphopt.passes.lib.fusion.partition``) groups producer-consumer chains of ops that the
-code generator supports (``graphopt.kernels.codegen.SUPPORTED_OPS``): pointwise ops with
-broadcasting, and pointwise prologues and epilogues around last-dim reductions (softmax,
+Fusion analysis (``graphopt.passes.lib.fusion.partition``) groups producer-consumer chains of
+ops that the code generator supports (``graphopt.kernels.codegen.SUPPORTED_OPS``): pointwise ops
+with broadcasting, and pointwise prologues and epilogues around last-dim reductions (softmax,
 layernorm, rmsnorm, mean/sum). A merge is legal when the generator accepts the merged program
 for these shapes and dtypes and the merge creates no cycle; every intermediate that escapes the
 group becomes one of its outputs. Each group of two or more ops becomes one
 ``graphopt.fused(inputs, program)`` call whose ``program`` is the group's ATen decomposition.
+
+Not a rule table: groups come from an analysis of the whole graph, not from a pattern around
+one anchor. Each group is then handed to the rewriter as a match (``rw.apply_match``), so it is
+measured, rewritten and recorded exactly as a rule's match is.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,15 +23,8 @@ from torch.fx import GraphModule, Node
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
 from graphopt.ir.program import op_name
-from graphopt.ops.autotune import shape_key
-from graphopt.ops.fused import DIRECT
-from graphopt.passes.lib.fusion import (
-    example_like,
-    measured_faster,
-    no_gain_on,
-    partition,
-    program_of_nodes,
-)
+from graphopt.ir.rules import Call, Match
+from graphopt.passes.lib.fusion import partition, program_of_nodes, why_match_not_faster
 from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 from graphopt.verification.contracts import Contract
 
@@ -92,6 +88,7 @@ class FusePointwise(Pass):
             return why
 
         groups = [g for g in partition(gm, fusible, can_merge) if len(g) > 1]
+        keep = why_match_not_faster if self.measure else None
         fused = 0
         for members in groups:
             if not rw.allowed():
@@ -99,37 +96,14 @@ class FusePointwise(Pass):
             if (why := why_not(members)) is not None:  # a group always passes; keep it honest
                 rw.missed(RULE, members[-1], why)
                 continue
-            program, inputs, outs = program_of_nodes(members)
-            text = program.to_json()
-            device = members[-1].meta["val"].device
-            fused_op = torch.ops.graphopt.fused.default
-            if self.measure and (why := no_gain_on(fused_op, device)) is not None:
-                rw.missed(RULE, members[-1], why)
-                continue
-            if self.measure:
-                ins = [example_like(n.meta["val"], seed=i) for i, n in enumerate(inputs)]
-                why = measured_faster(
-                    f"fused {program.key} {shape_key(*ins)}",
-                    lambda ins=ins, program=program: program.run(ins),
-                    lambda ins=ins, text=text: DIRECT[torch.ops.graphopt.fused.default](ins, text),
-                    device,
-                )
-                if why is not None:
-                    rw.missed(RULE, members[-1], why)
-                    continue
-            anchor = members[-1]
-            call = rw.call(
-                torch.ops.graphopt.fused.default,
-                (list(inputs), text),
-                before=anchor,
-                sources=members,
-            )
-            items = [
-                rw.call(operator.getitem, (call, i), before=anchor, sources=[old])
-                for i, old in enumerate(outs)
-            ]
-            for old, item in reversed(list(zip(outs, items))):
-                rw.replace(old, item)
-            rw.applied(RULE)
-            fused += 1
+            if rw.apply_match(RULE, _fusion(members), keep=keep):
+                fused += 1
         return PassResult(fused > 0, {"groups": fused, "ops fused": sum(map(len, groups))})
+
+
+def _fusion(members: list[Node]) -> Match:
+    """A group as one ``graphopt.fused`` call; each member whose value escapes the group is
+    read from the call's results."""
+    program, inputs, outs = program_of_nodes(members)
+    call = Call(torch.ops.graphopt.fused.default, (list(inputs), program.to_json()))
+    return Match(members, call, replaces=[(old, i) for i, old in enumerate(outs)])

@@ -7,21 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 
 from graphopt.ir.graph import tensor_val
-from graphopt.ir.rewriter import Rewriter, apply_rules
-from graphopt.passes.lib.patterns import (
-    DIVS,
-    SUBS,
-    arg,
-    escaped,
-    graph_order,
-    is_call,
-    operands,
-    same_type,
-)
-from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.ir.rules import Call, Match, Rule
+from graphopt.passes.lib.patterns import DIVS, SUBS, arg, escaped, is_call, operands, same_type
+from graphopt.pipeline.passes import RulePass, register_pass
 from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
@@ -51,20 +42,20 @@ def _row_max(node: Any, x: Node, dim: int, rank: int) -> bool:
     return False
 
 
-def _softmax(node: Node, rw: Rewriter) -> bool:
+def _softmax(node: Node) -> Match | str | None:
     ab = operands(node, DIVS)
     if ab is None:
-        return False
+        return None
     e, s = ab
     if not (is_call(e, (aten.exp.default,)) and is_call(s, (aten.sum.dim_IntList,))):
-        return False
+        return None
     if s.args[0] is not e:
-        return False
+        return None
     val = tensor_val(e)
     rank = 0 if val is None else val.dim()
     dim = _one_dim(arg(s, 1, "dim"), rank) if rank else None
     if dim is None or arg(s, 2, "keepdim") is not True or arg(s, 3, "dtype") is not None:
-        return rw.missed("softmax", node, f"%{s.name} is not a keepdim sum over one dim")
+        return f"%{s.name} is not a keepdim sum over one dim"
     x, nodes = e.args[0], [s, e]
     # exp(x - max(x)): the max is only for stability, the fused op does its own
     centered = operands(x, SUBS)
@@ -72,24 +63,22 @@ def _softmax(node: Node, rw: Rewriter) -> bool:
         nodes += [x, centered[1]]
         x = centered[0]
     if (leak := escaped(node, nodes)) is not None:
-        return rw.missed("softmax", node, f"intermediate %{leak.name} has other users")
+        return f"intermediate %{leak.name} has other users"
     if not same_type(x, node):
-        return rw.missed("softmax", node, f"%{x.name} and the result differ in shape or dtype")
+        return f"%{x.name} and the result differ in shape or dtype"
     dim_arg = -1 if dim == rank - 1 else dim
-    sources = graph_order([*nodes, node])
-    soft = rw.call(aten.softmax.int, (x, dim_arg), before=node, sources=sources)
-    rw.replace(node, soft)
-    return rw.applied("softmax")
+    return Match([*nodes, node], Call(aten.softmax.int, (x, dim_arg)))
 
 
 RULES = [
-    ((aten.div.Tensor,), _softmax),  # exp(x - amax(x, d)) / sum(exp(...), d) -> softmax(x, d)
+    # exp(x - amax(x, d)) / sum(exp(...), d) -> softmax(x, d)
+    Rule("softmax", (aten.div.Tensor,), _softmax),
 ]
 
 
 @register_pass
 @dataclass(frozen=True)
-class FuseSoftmax(Pass):
+class FuseSoftmax(RulePass):
     """Replace softmax written out in elementary ops by one ``aten.softmax.int`` call (the
     op a captured ``F.softmax`` is, so fuse-attention finds it too).
 
@@ -104,8 +93,5 @@ class FuseSoftmax(Pass):
     name = "fuse-softmax"
     contract = Contract.rounding()
     runs_before = ("fuse-pointwise",)
-
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        rw = ctx.rewriter(gm)
-        apply_rules(gm, RULES, rw)
-        return PassResult(rw.rewrites > 0, {"fused": rw.rewrites})
+    rules = RULES
+    stat = "fused"

@@ -20,19 +20,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt)
-from graphopt.ir.rewriter import Rewriter, apply_rules
-from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.ir.rules import Call, Match, Rule
+from graphopt.pipeline.passes import RulePass, register_pass
 from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
 go = torch.ops.graphopt
-RULE = "qdq-linear"
+QDQ = "qdq-linear"
+REQUANT = "requant"
+NORM_QUANT = "norm+quantize"
 
 
-def _qdq_linear(node: Node, rw: Rewriter) -> bool:
+def _is(node: object, target: object) -> bool:
+    return isinstance(node, Node) and node.target == target
+
+
+def _qdq_linear(node: Node) -> Match | str | None:
     """linear(dequant(q, s), dequant_channel(wq, ws, 0)) -> int8_linear(q, s, wq, ws, ...)"""
     if node.target == aten.linear.default:
         xd, wd = node.args[0], node.args[1]
@@ -40,75 +46,53 @@ def _qdq_linear(node: Node, rw: Rewriter) -> bool:
         r, act, alpha = None, "none", 1.0
     else:
         xd, wd, b, r, act, alpha = node.args
-    if not (isinstance(xd, Node) and xd.target == go.dequantize_per_tensor.default):
-        return False
-    if not (isinstance(wd, Node) and wd.target == go.dequantize_per_channel.default):
-        return rw.missed(RULE, node, "the weight is not a per-channel dequantize")
+    if not _is(xd, go.dequantize_per_tensor.default):
+        return None
+    if not _is(wd, go.dequantize_per_channel.default):
+        return "the weight is not a per-channel dequantize"
     q, s, dtype = xd.args
     wq, ws, axis, _ = wd.args
     if axis != 0 or alpha != 1.0:
-        return rw.missed(RULE, node, "weights quantized along another axis, or a GEMM scale")
-    args = (q, s, wq, ws, b, r, act, dtype)
-    new = rw.call(go.int8_linear.default, args, before=node, sources=[xd, wd, node])
-    rw.replace(node, new)
-    return rw.applied(RULE)
+        return "weights quantized along another axis, or a GEMM scale"
+    return Match([xd, wd, node], Call(go.int8_linear.default, (q, s, wq, ws, b, r, act, dtype)))
 
 
-def _requant(node: Node, rw: Rewriter) -> bool:
-    """quantize(int8_linear(..), s) -> int8_linear_requant(.., s): the chain stays int8"""
-    producer, out_scale = node.args
-    if not (isinstance(producer, Node) and producer.target == go.int8_linear.default):
-        return False
-    if len(producer.users) != 1:
-        return rw.missed(REQUANT, node, f"the float output of %{producer.name} is also used")
-    *args, dtype = producer.args
-    new = rw.call(
-        go.int8_linear_requant.default, (*args, out_scale), before=node, sources=[producer, node]
-    )
-    rw.replace(node, new)
-    return rw.applied(REQUANT)
-
-
-def _qdq_conv1x1(node: Node, rw: Rewriter) -> bool:
+def _qdq_conv1x1(node: Node) -> Match | str | None:
     """conv(dequant(q, s), dequant_channel(wq, ws, 0)) 1x1 -> int8_conv1x1(q, s, wq, ws, ...)"""
-    if node.target != go.conv.default:
-        return False
     xd, wd, b, r, stride, padding, dilation, groups, act = node.args
-    if not (isinstance(xd, Node) and xd.target == go.dequantize_per_tensor.default):
-        return False
-    if not (isinstance(wd, Node) and wd.target == go.dequantize_per_channel.default):
-        return rw.missed(RULE, node, "the weight is not a per-channel dequantize")
+    if not _is(xd, go.dequantize_per_tensor.default):
+        return None
+    if not _is(wd, go.dequantize_per_channel.default):
+        return "the weight is not a per-channel dequantize"
     w_val = wd.meta["val"]
     if tuple(w_val.shape[2:]) != (1, 1) or list(stride) != [1, 1] or any(padding) or groups != 1:
-        return rw.missed(RULE, node, "not a 1x1 convolution with stride 1 and no padding")
+        return "not a 1x1 convolution with stride 1 and no padding"
     q, s, dtype = xd.args
     wq, ws, _, _ = wd.args
-    args = (q, s, wq, ws, b, r, act, dtype)
-    new = rw.call(go.int8_conv1x1.default, args, before=node, sources=[xd, wd, node])
-    rw.replace(node, new)
-    return rw.applied(RULE)
+    return Match([xd, wd, node], Call(go.int8_conv1x1.default, (q, s, wq, ws, b, r, act, dtype)))
 
 
-REQUANT = "requant"
-NORM_QUANT = "norm+quantize"
+def _requant(node: Node) -> Match | str | None:
+    """quantize(int8_linear(..), s) -> int8_linear_requant(.., s): the chain stays int8"""
+    producer, out_scale = node.args
+    if not _is(producer, go.int8_linear.default):
+        return None
+    if len(producer.users) != 1:
+        return f"the float output of %{producer.name} is also used"
+    *args, _dtype = producer.args
+    return Match([producer, node], Call(go.int8_linear_requant.default, (*args, out_scale)))
 
 
-def _norm_quant(node: Node, rw: Rewriter) -> bool:
+def _norm_quant(node: Node) -> Match | str | None:
     """quantize(layer_norm(x, [n], w, b, eps), s) -> norm_quant(x, w, b, eps, 'layer', s)"""
     norm, scale = node.args
-    if not isinstance(norm, Node):
-        return False
-    parts = _norm_parts(norm)
+    parts = _norm_parts(norm) if isinstance(norm, Node) else None
     if parts is None:
-        return False
+        return None
     if len(norm.users) != 1:
-        return rw.missed(NORM_QUANT, node, f"the float output of %{norm.name} is also used")
+        return f"the float output of %{norm.name} is also used"
     x, w, b, eps, kind = parts
-    new = rw.call(
-        go.norm_quant.default, (x, w, b, eps, kind, scale), before=node, sources=[norm, node]
-    )
-    rw.replace(node, new)
-    return rw.applied(NORM_QUANT)
+    return Match([norm, node], Call(go.norm_quant.default, (x, w, b, eps, kind, scale)))
 
 
 def _norm_parts(node: Node) -> tuple | None:  # type: ignore[type-arg]
@@ -129,28 +113,30 @@ def _norm_parts(node: Node) -> tuple | None:  # type: ignore[type-arg]
     return (x, args[2], args[3], float(eps), "layer")
 
 
+LINEARS = (aten.linear.default, go.linear.default)
+QUANTIZE = (go.quantize_per_tensor.default,)
 RULES = [
-    ((aten.linear.default, go.linear.default), _qdq_linear),  # linear(dq(q), dq(wq)) -> int8_linear
-    ((go.conv.default,), _qdq_conv1x1),  # conv1x1(dq(q), dq(wq)) -> int8_conv1x1
-    ((go.quantize_per_tensor.default,), _requant),  # quantize(int8_linear(..)) -> .._requant
-    ((go.quantize_per_tensor.default,), _norm_quant),  # quantize(layer_norm(x)) -> norm_quant(x)
+    Rule(QDQ, LINEARS, _qdq_linear),  # linear(dq(q), dq(wq)) -> int8_linear(q, wq)
+    Rule(QDQ, (go.conv.default,), _qdq_conv1x1),  # conv1x1(dq(q), dq(wq)) -> int8_conv1x1(q, wq)
+    Rule(REQUANT, QUANTIZE, _requant),  # quantize(int8_linear(..)) -> int8_linear_requant(..)
+    Rule(NORM_QUANT, QUANTIZE, _norm_quant),  # quantize(layer_norm(x)) -> norm_quant(x)
 ]
-
-
-def lower(gm: GraphModule, rw: Rewriter) -> None:
-    apply_rules(gm, RULES, rw)
 
 
 @register_pass
 @dataclass(frozen=True)
-class LowerInt8(Pass):
-    """Lower quantize/dequantize around linear layers to int8 GEMMs (module docstring)."""
+class LowerInt8(RulePass):
+    """Lower quantize/dequantize around linear layers to int8 GEMMs (module docstring).
+
+    ``int8`` schedules it right after itself (``Int8.followed_by``). Its contract is
+    ``rounding``: it changes how the quantized arithmetic is carried out (an exact int32
+    accumulation scaled once, instead of float sums of dequantized values; a requantize or a
+    quantize computed in the epilogue of the op before), not what is quantized, so the error it
+    may add is the float rounding of that reordering, judged against the int8 error before it.
+    """
 
     name = "lower-int8"
     contract = Contract.rounding()
     runs_after = ("int8",)
-
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        rw = ctx.rewriter(gm)
-        lower(gm, rw)
-        return PassResult(rw.rewrites > 0, {"lowered": rw.rewrites})
+    rules = RULES
+    stat = "lowered"

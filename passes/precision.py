@@ -280,6 +280,10 @@ class Precision(Pass):
     after:   %xh = _to_copy(%x, dtype=f16); %yh = linear(%xh, %w_fp16, %b_fp16) : f16
              %y = _to_copy(%yh, dtype=f32); %s = softmax(%y, -1)               : f32
 
+    Not a rule table: every op is rewritten (all of them, not those matching a pattern), and
+    how a value is read depends on how its producer was lowered earlier in the same walk (the
+    casts it shares with other users, the half node behind a widening): one stateful walk.
+
     Contract: ``rounding`` judged with the floor of the compute dtype (``Contract.rounding(
     dtype)``: rel_max error <= max(2 x the error before, 2e-3 for fp16, 1.6e-2 for bf16)), or,
     with ``min_cosine`` > 0, ``lossy(cosine >= min_cosine)`` for deep models whose error grows

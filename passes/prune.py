@@ -24,9 +24,9 @@ an ONNX export (where a sparse runtime or a compressor can use them)::
   (l1 | bn_gamma | taylor), delegated to ``graphopt.passes.lib.prune_channels``, which edits the
   graph through the same rewriter and measures its own dependency groups.
 
-``measure=true`` (2:4): each pruned layer is timed against its dense form on the target, as the
-compiled model runs it (``graphopt.passes.lib.fusion.measured_faster``), and a layer that is not faster keeps
-its dense weight: its row says ``reverted`` and why. So on the CPU, 2:4 layers are reverted
+``measure=true`` (2:4): each pruned layer is timed against its dense form on the target, as
+the compiled model runs it (``graphopt.ops.autotune.why_not_faster``, the one "keep only what
+measures faster" policy), and a layer that is not faster keeps its dense weight: its row says ``reverted`` and why. So on the CPU, 2:4 layers are reverted
 unless ``measure=false``, which keeps the zeros (for an export).
 
 ``stats["layers"]`` has one row per layer the pass considered, keys in the order of ``ROW_KEYS``;
@@ -276,25 +276,12 @@ class Prune(Pass):
 
 
 def _slower_graph(dense: GraphModule, pruned: GraphModule, inputs: list[Any]) -> str | None:
-    """Why the pruned graph is not faster than the dense one on the example inputs, or None.
-    Both run as a compiled model runs them; a 3% margin keeps noise from deciding."""
-    from graphopt.ir.state import with_state
-    from graphopt.ops.autotune import device_name, measure_all
-    from graphopt.ops.fused import executable
-    from graphopt.passes.lib.fusion import MARGIN
+    """Why the pruned graph is not faster than the dense one on the example inputs, or None
+    (the one policy: ``why_graph_not_faster``, as a compiled model runs them)."""
+    from graphopt.passes.lib.fusion import why_graph_not_faster
 
-    device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-    runs = {
-        "dense": (executable(dense), with_state(dense, inputs)),
-        "pruned": (executable(pruned), with_state(pruned, inputs)),
-    }
-    times = measure_all({k: (lambda r=r: r[0](*r[1])) for k, r in runs.items()}, device, reps=7)
-    if times["pruned"] < times["dense"] * (1 - MARGIN):
-        return None
-    return (
-        f"not faster on {device_name(device)}: pruned {times['pruned'] * 1e3:.3f} ms vs dense "
-        f"{times['dense'] * 1e3:.3f} ms (channel groups are kept or reverted together)"
-    )
+    why = why_graph_not_faster(dense, pruned, inputs, names=("dense", "pruned"))
+    return None if why is None else f"{why} (channel groups are kept or reverted together)"
 
 
 def _prune_channels() -> Callable[..., list[dict[str, Any]]]:
@@ -337,10 +324,9 @@ def _rebuild(layer: Layer, rw: Rewriter) -> None:
 def _slower(layer: Layer, values: dict[str, Any]) -> str | None:
     """Why the pruned layer is not faster than the dense one on the target, or None.
     Both run as the compiled model runs them (graphopt ops without the dispatcher)."""
-    from graphopt.ops.autotune import shape_key
-    from graphopt.ops.fused import DIRECT
+    from graphopt.ops.autotune import cache_key, why_not_faster
+    from graphopt.ops.registry import DIRECT
     from graphopt.ops.sparse import why_not_sparse
-    from graphopt.passes.lib.fusion import measured_faster
 
     node = layer.node
     assert layer.new is not None
@@ -356,17 +342,15 @@ def _slower(layer: Layer, values: dict[str, Any]) -> str | None:
     pruned_fn: Callable[..., Any] = dense_fn
     if layer.lowered:
         pruned_fn, pruned_args, kwargs = go.sparse24_linear.default, (x, layer.new, args[2]), {}
-    key = f"prune 2:4 lowered={layer.lowered} {shape_key(x, layer.weight)}"
-    why = measured_faster(
-        key,
+    why = why_not_faster(
+        cache_key("prune 2:4", x, layer.weight, lowered=layer.lowered),
         lambda: dense_fn(*args, **kwargs),
         lambda: pruned_fn(*pruned_args, **kwargs),
         x.device,
+        names=("dense", "pruned"),
     )
     if why is None:
         return None
-    # measured_faster speaks of fusions; this report speaks of pruning
-    why = why.replace("fused ", "pruned ").replace("ATen ", "dense ")
     reason = why_not_sparse(layer.weight)
     if reason is None and layer.lowered and _rows(x) % 8:
         reason = "padding at small shapes"  # the sparse GEMM pads the input's rows to 8

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 
 from graphopt.ir.graph import escapes_to_output, touches_written
-from graphopt.ir.rewriter import Rewriter, apply_rules
-from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.ir.rules import Match, Rule
+from graphopt.pipeline.passes import RulePass, register_pass
 from graphopt.verification.contracts import Contract
 
 aten = torch.ops.aten
@@ -36,81 +36,84 @@ def _copy_is_removable(node: Node) -> bool:
     return not escapes_to_output(node) and not touches_written(node)
 
 
-def _forward(node: Node, rw: Rewriter) -> bool:
+def _forward(node: Node) -> Match | None:
+    """``node`` -> its input, when the two have the same shape, dtype and device."""
     src = node.args[0]
     if not isinstance(src, Node) or not _same_tensor_type(node, src):
-        return False
-    rw.replace(node, src)
-    return True
+        return None
+    return Match([node], src)
 
 
-def _dropout_eval(node: Node, rw: Rewriter) -> bool:
+def _dropout_eval(node: Node) -> Match | None:
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-    return train is False and _forward(node, rw)
+    return _forward(node) if train is False else None
 
 
-def _clone(node: Node, rw: Rewriter) -> bool:
+def _clone(node: Node) -> Match | None:
     fmt = node.kwargs.get("memory_format")
     src = _val(node.args[0])
     keeps_layout = fmt in (None, torch.preserve_format) or (
         fmt == torch.contiguous_format and src is not None and src.is_contiguous()
     )
-    return keeps_layout and _copy_is_removable(node) and _forward(node, rw)
+    return _forward(node) if keeps_layout and _copy_is_removable(node) else None
 
 
-def _to_dtype(node: Node, rw: Rewriter) -> bool:
+def _to_dtype(node: Node) -> Match | None:
     copy = node.kwargs.get("copy", node.args[3] if len(node.args) > 3 else False)
     fmt = node.kwargs.get("memory_format", node.args[4] if len(node.args) > 4 else None)
-    return not copy and fmt in (None, torch.preserve_format) and _forward(node, rw)
+    return _forward(node) if not copy and fmt in (None, torch.preserve_format) else None
 
 
-def _to_copy(node: Node, rw: Rewriter) -> bool:
+def _to_copy(node: Node) -> Match | None:
     fmt = node.kwargs.get("memory_format")
-    return (
+    removable = (
         fmt in (None, torch.preserve_format)
         and not node.kwargs.get("pin_memory", False)
         and _copy_is_removable(node)
-        and _forward(node, rw)
     )
+    return _forward(node) if removable else None
 
 
-def _same_shape_view(node: Node, rw: Rewriter) -> bool:
+def _same_shape_view(node: Node) -> Match | None:
     a, b = _val(node), _val(node.args[0])
     same_strides = a is not None and b is not None and str(a.stride()) == str(b.stride())
-    return same_strides and _forward(node, rw)
+    return _forward(node) if same_strides else None
 
 
-def _contiguous(node: Node, rw: Rewriter) -> bool:
+def _contiguous(node: Node) -> Match | None:
     src = _val(node.args[0])
     fmt = node.kwargs.get("memory_format", torch.contiguous_format)
-    return src is not None and src.is_contiguous(memory_format=fmt) and _forward(node, rw)
+    return _forward(node) if src is not None and src.is_contiguous(memory_format=fmt) else None
 
 
-def _lift_fresh_copy(node: Node, rw: Rewriter) -> bool:
-    return _copy_is_removable(node) and _forward(node, rw)
+def _lift_fresh_copy(node: Node) -> Match | None:
+    return _forward(node) if _copy_is_removable(node) else None
 
+
+DROPOUTS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default)
+ALIASES = (aten.alias.default, aten.detach.default)
+LIFTS = (aten.lift_fresh_copy.default,)
+CLONES = (aten.clone.default,)
+TOS = (aten.to.dtype, aten.to.dtype_layout, aten.to.device)
+TO_COPIES = (aten._to_copy.default,)
+VIEWS = (aten.view.default, aten.reshape.default, aten.expand.default)
+CONTIGUOUS = (aten.contiguous.default,)
 
 RULES = [
-    (
-        (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default),
-        _dropout_eval,
-    ),  # dropout(x, p, train=False) -> x
-    ((aten.alias.default, aten.detach.default), _forward),  # alias(x) -> x
-    ((aten.lift_fresh_copy.default,), _lift_fresh_copy),  # lift_fresh_copy(c) -> c, if unwritten
-    ((aten.clone.default,), _clone),  # clone(x) -> x, if no one could tell
-    ((aten.to.dtype, aten.to.dtype_layout, aten.to.device), _to_dtype),  # to(x, x.dtype) -> x
-    ((aten._to_copy.default,), _to_copy),  # _to_copy(x) with x's own dtype/device -> x
-    (
-        (aten.view.default, aten.reshape.default, aten.expand.default),
-        _same_shape_view,
-    ),  # view(x, x.shape) -> x
-    ((aten.contiguous.default,), _contiguous),  # contiguous(x) -> x when x is contiguous
+    Rule("dropout", DROPOUTS, _dropout_eval),  # dropout(x, p, train=False) -> x
+    Rule("alias", ALIASES, _forward),  # alias(x) -> x
+    Rule("lift-fresh-copy", LIFTS, _lift_fresh_copy),  # lift_fresh_copy(c) -> c, if unwritten
+    Rule("clone", CLONES, _clone),  # clone(x) -> x, if no one could tell
+    Rule("to", TOS, _to_dtype),  # to(x, x.dtype) -> x
+    Rule("to-copy", TO_COPIES, _to_copy),  # _to_copy(x) with x's own dtype/device -> x
+    Rule("view", VIEWS, _same_shape_view),  # view(x, x.shape) -> x
+    Rule("contiguous", CONTIGUOUS, _contiguous),  # contiguous(x) -> x when x is contiguous
 ]
 
 
 @register_pass
 @dataclass(frozen=True)
-class RemoveNoops(Pass):
+class RemoveNoops(RulePass):
     """Remove identity-like calls: eval-mode dropout, alias/detach, clone, no-op to/contiguous,
     and views or reshapes to the shape the tensor already has.
 
@@ -120,8 +123,6 @@ class RemoveNoops(Pass):
 
     name = "remove-noops"
     contract = Contract.exact()
-
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        rw = ctx.rewriter(gm)
-        apply_rules(gm, RULES, rw)
-        return PassResult(rw.rewrites > 0, {"removed": rw.rewrites})
+    rules = RULES
+    stat = "removed"
+    logged = False  # cleanup, not fusion: it stays out of the "why (not) fused" table

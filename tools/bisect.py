@@ -1,6 +1,7 @@
 """``graphopt debug bisect``: find the pass, the rewrite and the node that break a pipeline.
 
 graphopt debug bisect mlp --pipeline "-O1,int8{measure=false}" --repro repro-out
+graphopt debug bisect bert --pipeline "-O2,int8" --calib batches.pt --repro repro-out
 
 Three steps, each reusing the pass manager's own machinery:
 
@@ -16,8 +17,10 @@ Three steps, each reusing the pass manager's own machinery:
    node.
 
 ``--repro DIR`` then writes a standalone script around the smallest failing subgraph
-(``graphopt.tools.repro``). Every run writes its output folder like ``graphopt debug``:
-``environment.json``, ``report.txt`` and ``verdict.json``.
+(``graphopt.tools.repro``). With calibration data (``--calib``), every trial calibrates on the
+same batches, read afresh, and the repro keeps what the subgraph needs of them. Every run writes
+its output folder like ``graphopt debug``: ``environment.json``, ``report.txt`` and
+``verdict.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +38,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from graphopt.api import resolve_target
+from graphopt.api import flat_batches, resolve_target
 from graphopt.errors import EquivalenceError, GraphoptError
 from graphopt.frontends.capture import capture
 from graphopt.frontends.exported import as_args
 from graphopt.ir.graph import original_name, short_target
-from graphopt.pipeline.manager import PassManager, PassStep
+from graphopt.pipeline.manager import CalibrationStream, PassManager, PassStep
 from graphopt.pipeline.parse import parse_pipeline
 from graphopt.pipeline.passes import PipelineItem
 from graphopt.tools import debug
@@ -84,7 +87,8 @@ class _Watcher:
 
 class Bisector:
     """Runs trials of one pipeline on one captured model (the reference is computed per trial,
-    exactly as a compile does)."""
+    exactly as a compile does). ``calibration``: a function returning the calibration batches
+    (shaped like the model's inputs) afresh for each trial, as ``debug.load_calibration`` gives."""
 
     def __init__(
         self,
@@ -92,24 +96,36 @@ class Bisector:
         flat_inputs: Sequence[Any],
         pipeline: str | Sequence[PipelineItem | str],
         target: str = "cpu",
+        calibration: debug.Calibration | None = None,
     ) -> None:
         self.captured = captured
         self.inputs = list(flat_inputs)
         self.items = parse_pipeline(pipeline)
         self.target = target
+        self.calibration = calibration
         self.trials = 0
+
+    def calibration_batches(self) -> Iterator[list[Any]] | None:
+        """The calibration batches for one run, flat like the inputs (None without)."""
+        return None if self.calibration is None else flat_batches(self.calibration())
 
     def trial(self, limit: int | None) -> Trial:
         self.trials += 1
         watcher = _Watcher()
         manager = PassManager(
-            self.items, on_fail="raise", max_rewrites=limit, target=self.target, on_step=watcher
+            self.items,
+            on_fail="raise",
+            max_rewrites=limit,
+            target=self.target,
+            on_step=watcher,
+            calibration=self.calibration_batches(),
         )
         error: GraphoptError | None = None
         try:
             manager.run(self.captured, self.inputs)
         except GraphoptError as exc:  # EquivalenceError, PassError, a broken invariant
             error = exc
+        stream = manager.ctx.calibration
         return Trial(
             limit,
             error,
@@ -118,6 +134,8 @@ class Bisector:
             manager.verifier,
             watcher.ends,
             watcher.rules() if error is not None else {},
+            manager.report,
+            stream.read_by if isinstance(stream, CalibrationStream) else None,
         )
 
 
@@ -129,15 +147,34 @@ def bisect(
     target: str = "auto",
     repro: str | Path | None = None,
     progress: Progressed | None = None,
+    calibration_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
 ) -> Verdict:
     """Find the first pass of ``pipeline`` that breaks its contract on ``model(*inputs)``, the
     rewrite inside it and the first diverging node. ``repro``: a folder for a standalone repro
-    script (``repro.py`` and ``tensors.pt``) around the smallest failing subgraph."""
+    script (``repro.py`` and ``tensors.pt``) around the smallest failing subgraph.
+    ``calibration_data``: as ``graphopt.compile`` takes it, read once per trial, so a list of
+    batches or a function returning a fresh iterable of them (not a one-shot iterator)."""
     call_args = as_args(inputs)
     captured = capture(model, call_args)
     flat = pytree.tree_leaves((call_args, {}))
-    bisector = Bisector(captured, flat, pipeline, resolve_target(target, model, call_args))
+    target = resolve_target(target, model, call_args)
+    bisector = Bisector(captured, flat, pipeline, target, _per_trial(calibration_data))
     return bisect_captured(bisector, _pipeline_text(pipeline), repro=repro, progress=progress)
+
+
+def _per_trial(
+    data: Iterable[Any] | Callable[[], Iterable[Any]] | None,
+) -> debug.Calibration | None:
+    """Calibration data that each trial can read afresh."""
+    if data is None or callable(data):
+        return data
+    if isinstance(data, Iterator):
+        raise GraphoptError(
+            "bisect runs the pipeline several times and a one-shot iterator of calibration "
+            "batches can be read once; pass a list of batches, or a function returning a fresh "
+            "iterable of them"
+        )
+    return lambda: data
 
 
 def _pipeline_text(pipeline: str | Sequence[PipelineItem | str]) -> str:
@@ -159,7 +196,7 @@ def bisect_captured(
     first = bisector.trial(None)
     if first.error is None or first.step is None:
         tell(1, 1, "no failure")
-        return Verdict(pipeline, bisector.trials)
+        return Verdict(pipeline, bisector.trials, layers=first.layers())
     step = first.step
     # the pass fails with hi rewrites, not with lo; a crash happens while attempting a rewrite
     # that was never counted, so the budget that still crashes is one more than it counted
@@ -187,12 +224,16 @@ def bisect_captured(
     tell(bisector.trials, bisector.trials, "done")
     verdict = _verdict(bisector, pipeline, evidence, culprit, passes)
     verdict.rewrites_in_pass = attempted
+    verdict.layers = first.layers()
     if repro is not None and evidence.step is not None:
         from graphopt.tools import repro as repro_tool
 
         tell(bisector.trials, bisector.trials, "minimizing the repro subgraph")
 
-        written = repro_tool.write_repro(Path(repro), evidence, verdict, bisector.inputs)
+        # the repro carries the calibration data only to a pass that reads it
+        calibrated = evidence.calibrated_by == evidence.step.p.name
+        batches = bisector.calibration_batches() if calibrated else None
+        written = repro_tool.write_repro(Path(repro), evidence, verdict, bisector.inputs, batches)
         verdict.repro = str(written.script)
         verdict.repro_nodes = written.nodes
         verdict.repro_rewrites = written.max_rewrites
@@ -310,11 +351,13 @@ def run(args: argparse.Namespace, load_model: debug.LoadModel) -> int:
     """``graphopt debug bisect``: prints the verdict; exit 0 when it found the culprit or there
     was nothing to find (the verdict says which)."""
     out = debug.Printer()
+    calibration = debug.load_calibration(args.calib)  # a bad file fails before the model loads
     model, inputs = load_model(args.model, args.batch)
     call_args = as_args(inputs)
     captured = capture(model, call_args)
     flat = pytree.tree_leaves((call_args, {}))
-    bisector = Bisector(captured, flat, args.pipeline, resolve_target("auto", model, call_args))
+    target = resolve_target("auto", model, call_args)
+    bisector = Bisector(captured, flat, args.pipeline, target, calibration)
     columns = (TextColumn("bisect"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"))
     console = Console(stderr=True)
     with Progress(*columns, TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -326,8 +369,9 @@ def run(args: argparse.Namespace, load_model: debug.LoadModel) -> int:
             bar.update(task, completed=done, total=max(total, done), description=what)
 
         verdict = bisect_captured(bisector, args.pipeline, repro=args.repro, progress=progress)
-    verdict.model = args.model
-    out(f"{args.model}  pipeline {args.pipeline}")
+    verdict.model, verdict.calib = args.model, args.calib
+    calibrated = f"  calibration {args.calib}" if args.calib else ""
+    out(f"{args.model}  pipeline {args.pipeline}{calibrated}")
     out(verdict.to_text())
     folder = debug.write_folder(args, out)
     (folder / "verdict.json").write_text(json.dumps(verdict.to_json(), indent=2) + "\n")

@@ -2,6 +2,7 @@
 
 graphopt compile resnet --pipeline -O1
 graphopt compile path/to/file.py:factory --pipeline "cleanup,fold-bn" --save out.graphopt
+graphopt compile bert --pipeline "-O2,int8" --calib batches.pt
 graphopt debug mlp --pipeline -O1 --print-changed --compare-nodes
 graphopt report resnet --pipeline -O1 -o report.html
 graphopt demo
@@ -10,7 +11,6 @@ graphopt demo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import warnings
 from collections.abc import Sequence
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch.utils import _pytree as pytree
@@ -42,19 +43,11 @@ def load_model(spec: str, batch: int | None) -> tuple[torch.nn.Module, tuple[Any
     if ":" not in spec:
         return zoo.get(spec, **kwargs)
     path, _, name = spec.rpartition(":")
-    file = Path(path)
-    if not file.is_file():
+    if not Path(path).is_file():
         raise GraphoptError(
             f"model file {path} not found (MODEL is a zoo name or path/to/file.py:factory)"
         )
-    module_spec = importlib.util.spec_from_file_location(file.stem, file)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    # registered before it runs, as an import would: dataclasses (and pickling) look their
-    # module up in sys.modules
-    sys.modules[module_spec.name] = module
-    module_spec.loader.exec_module(module)
-    factory = getattr(module, name, None)
+    factory = getattr(debug.import_file(path, spec), name, None)
     if not callable(factory):
         raise GraphoptError(
             f"{path} has no callable {name!r}; define {name}() returning (model, example_inputs)"
@@ -96,7 +89,11 @@ def _status(r: PassRecord) -> str:
 
 
 def compile_and_report(
-    name: str, model: torch.nn.Module, inputs: tuple[Any, ...], args: argparse.Namespace
+    name: str,
+    model: torch.nn.Module,
+    inputs: tuple[Any, ...],
+    args: argparse.Namespace,
+    calibration: debug.Calibration | None = None,
 ) -> graphopt.CompiledModule:
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:  # fmt: skip
@@ -112,6 +109,7 @@ def compile_and_report(
             compiled = graphopt.compile(
                 model, inputs, pipeline=args.pipeline, verify=not args.no_verify,
                 on_fail=args.on_fail, max_rewrites=args.max_rewrites, on_event=on_event,
+                calibration_data=None if calibration is None else calibration(),
             )  # fmt: skip
     report = compiled.report
     console.print(
@@ -119,9 +117,9 @@ def compile_and_report(
             f"{name}  pipeline {compiled.pipeline or '(none)'}  ({report.total_s:.2f} s)", report
         )
     )
-    rules = report.rule_text()
-    if rules:
-        console.print(rules, markup=False, highlight=False)
+    for text in (report.rule_text(), report.layer_text()):  # why (not) fused; int8 per layer
+        if text:
+            console.print(text, markup=False, highlight=False)
     for w in caught:
         if issubclass(w.category, (graphopt.EquivalenceWarning, graphopt.StaticShapeWarning)):
             console.print(f"[yellow]warning:[/yellow] {w.message}")
@@ -129,8 +127,9 @@ def compile_and_report(
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    calibration = debug.load_calibration(args.calib)  # a bad file fails before the model loads
     model, inputs = load_model(args.model, args.batch)
-    compiled = compile_and_report(args.model, model, inputs, args)
+    compiled = compile_and_report(args.model, model, inputs, args, calibration)
     _check_against_eager(model, compiled, inputs)
     if args.show_graph:
         console.print(graphopt.format_graph(compiled.gm), markup=False, highlight=False)
@@ -208,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--onnx", default=None, help="also export the compiled model as ONNX here")
     p.add_argument("--show-graph", action="store_true", help="print the optimized graph")
+    p.add_argument("--calib", metavar="FILE", default=None, help=debug.CALIB_HELP)
     common(p)
     p.set_defaults(func=cmd_compile)
 
@@ -247,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except GraphoptError as exc:
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        message = escape(f"{type(exc).__name__}: {exc}")  # "[batch, ...]" is no markup
+        console.print(f"[red]error:[/red] {message}", highlight=False)
         return 2
 
 

@@ -2,6 +2,7 @@
 
 graphopt debug mlp --pipeline -O1 --print-changed --timing
 graphopt debug bert --pipeline -O2 --opt-bisect-limit 3 --compare-nodes
+graphopt debug mlp --pipeline "-O2,int8" --calib batches.pt --stats
 
 Every run writes its own folder (``--out``, default ``debug-out/<model>-<timestamp>``) holding
 ``environment.json`` and ``report.txt``, the text it printed, so a bug report carries both.
@@ -14,12 +15,15 @@ import dataclasses
 import datetime
 import difflib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import platform
+import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -28,7 +32,8 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 import graphopt
-from graphopt.api import resolve_target
+from graphopt.api import flat_batches, resolve_target
+from graphopt.errors import GraphoptError
 from graphopt.frontends.capture import capture
 from graphopt.frontends.exported import as_args
 from graphopt.ir.graph import original_name, short_target
@@ -41,16 +46,25 @@ from graphopt.verification import metrics
 from graphopt.verification.interpreter import Runner, reference_run
 
 LoadModel = Callable[[str, int | None], tuple[torch.nn.Module, tuple[Any, ...]]]
+Calibration = Callable[[], Iterable[Any]]  # each call: the calibration batches, read afresh
 WORST_NODES = 20
 _METRICS = ("max_abs", "rel_l2", "cosine", "sqnr")
 
 
+CALIB_HELP = (
+    "calibration data for int8: a .pt file holding a list of batches (each a tensor or a tuple "
+    "of the model's positional inputs), or path/to/file.py:factory where factory() returns an "
+    "iterable of batches"
+)
+
+
 def model_arguments(p: argparse.ArgumentParser, *, run_options: bool = True) -> None:
-    """MODEL, --batch and --pipeline (and --on-fail, --max-rewrites): what every debugging
-    command (debug, debug bisect, report) takes the same way."""
+    """MODEL, --batch, --pipeline and --calib (and --on-fail, --max-rewrites): what every
+    debugging command (debug, debug bisect, report) takes the same way."""
     p.add_argument("model", help="zoo name, path/to/file.py:factory or model.onnx")
     p.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
     p.add_argument("--pipeline", default="-O1", help="-O0..-O3 or passes, e.g. 'cleanup,fold-bn'")
+    p.add_argument("--calib", metavar="FILE", default=None, help=CALIB_HELP)
     if run_options:
         p.add_argument("--on-fail", choices=("rollback", "raise"), default="rollback")
         p.add_argument("--max-rewrites", type=int, default=None, help="stop after N rewrites")
@@ -110,6 +124,7 @@ def run(args: argparse.Namespace, load_model: LoadModel) -> int:
             out(f"BISECT: {verb} pass ({i}) {label}")
         items = bisect_items(items, args.opt_bisect_limit)
 
+    calibration = load_calibration(args.calib)  # a bad file fails before the model loads
     model, inputs = load_model(args.model, args.batch)
     call_args = as_args(inputs)
     captured = capture(model, call_args)
@@ -120,6 +135,7 @@ def run(args: argparse.Namespace, load_model: LoadModel) -> int:
         max_rewrites=args.max_rewrites,
         target=resolve_target("auto", model, call_args),
         keep_snapshots=True,
+        calibration=None if calibration is None else flat_batches(calibration()),
     )
     manager.on_event = IRPrinter(manager, args, out)
     with warnings.catch_warnings(record=True) as caught:
@@ -142,6 +158,87 @@ def run(args: argparse.Namespace, load_model: LoadModel) -> int:
     out(f"debug output written to {folder}")
     (folder / "report.txt").write_text(out.text())
     return 0
+
+
+# -- files the command line names: models' and calibration data's ----------------------------------
+
+
+def import_file(path: str, spec: str) -> ModuleType:
+    """The Python file ``path`` run as a module (``spec`` is how the command line named it)."""
+    file = Path(path)
+    if not file.is_file():
+        raise GraphoptError(f"{spec}: file {path} not found")
+    module_spec = importlib.util.spec_from_file_location(file.stem, file)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    # registered before it runs, as an import would: dataclasses (and pickling) look their
+    # module up in sys.modules
+    sys.modules[module_spec.name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def load_calibration(spec: str | None) -> Calibration | None:
+    """``--calib FILE``: a function returning the calibration batches afresh at each call (a
+    bisection compiles several times). ``FILE`` is a ``.pt`` file holding a list of batches
+    (``torch.save([batch, ...], FILE)``), or ``path/to/file.py:factory`` where ``factory()``
+    returns an iterable of batches (called once per compile, so a generator works); each batch
+    is a tensor or a tuple of the model's positional inputs. What is wrong with a file is a
+    ``GraphoptError`` that says how to fix it."""
+    if spec is None:
+        return None
+    path, _, name = spec.rpartition(":")
+    if path.endswith(".py") and name:
+        return _calibration_factory(spec, path, name)
+    if not spec.endswith(".pt"):
+        raise GraphoptError(
+            f"--calib {spec}: expected a .pt file holding a list of batches, or "
+            "path/to/file.py:factory where factory() returns an iterable of batches"
+        )
+    batches = _load_batches(spec)
+    return lambda: batches
+
+
+def _load_batches(spec: str) -> list[Any]:
+    """The list of batches a ``.pt`` file holds, checked."""
+    how = f"save it with torch.save([batch, ...], {spec!r}), each batch a tensor or a tuple"
+    if not Path(spec).is_file():
+        raise GraphoptError(f"--calib {spec}: file not found; {how}")
+    try:
+        batches = torch.load(spec, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GraphoptError(f"--calib {spec}: cannot read it ({first}); {how}") from None
+    if not isinstance(batches, (list, tuple)) or not batches:
+        what = "an empty list" if isinstance(batches, (list, tuple)) else type(batches).__name__
+        raise GraphoptError(f"--calib {spec} holds {what}, not a list of batches; {how}")
+    return list(_checked_batches(spec, batches))
+
+
+def _calibration_factory(spec: str, path: str, name: str) -> Calibration:
+    factory = getattr(import_file(path, f"--calib {spec}"), name, None)
+    if not callable(factory):
+        raise GraphoptError(
+            f"--calib {spec}: {path} has no callable {name!r}; define {name}() returning an "
+            "iterable of batches (each a tensor or a tuple of the model's positional inputs)"
+        )
+    return lambda: _checked_batches(spec, factory())
+
+
+def _checked_batches(spec: str, batches: Any) -> Iterator[Any]:
+    """``batches``, each checked to be a tensor or a tuple (list) of inputs, as it is read."""
+    if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
+        raise GraphoptError(
+            f"--calib {spec}: gave a {type(batches).__name__}, not an iterable of batches; "
+            "give a list (or a generator) of batches, each a tensor or a tuple of inputs"
+        )
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, (torch.Tensor, tuple, list)):
+            raise GraphoptError(
+                f"--calib {spec}: batch {index} is a {type(batch).__name__}; each batch is a "
+                "tensor or a tuple of the model's positional inputs"
+            )
+        yield batch
 
 
 # -- pipeline: names and bisection ----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 graphopt report mlp --pipeline -O2 -o report.html
 graphopt report resnet --pipeline -O1 --batch 2
+graphopt report bert --pipeline "-O2,int8" --calib batches.pt
 
 The page holds (inline CSS, JS and SVG; no external URL): the pipeline as a timeline (one bar per
 pass, its width the pass's time, with node counts, rewrites, error against float64 and status);
@@ -20,7 +21,7 @@ import json
 import math
 import shlex
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 import graphopt
-from graphopt.api import resolve_target
+from graphopt.api import flat_batches, resolve_target
 from graphopt.errors import GraphoptError
 from graphopt.frontends.capture import capture
 from graphopt.frontends.exported import as_args
@@ -68,8 +69,16 @@ def run(args: argparse.Namespace, load_model: LoadModel) -> int:
             f"-o {args.output} is a folder; give the page a file name, e.g. "
             f"-o {Path(args.output) / 'report.html'}"
         )
+    calibration = debug.load_calibration(args.calib)  # a bad file fails before the model loads
     model, inputs = load_model(args.model, args.batch)
-    compile_run = collect(model, inputs, args.pipeline, args.on_fail, args.max_rewrites)
+    compile_run = collect(
+        model,
+        inputs,
+        args.pipeline,
+        args.on_fail,
+        args.max_rewrites,
+        calibration=None if calibration is None else calibration(),
+    )
     page = build_html(compile_run, args.model, args.pipeline, command(args), debug.environment())
     folder = debug.write_folder(args, root="report-out")
     (folder / "report.html").write_text(page)
@@ -83,7 +92,12 @@ def run(args: argparse.Namespace, load_model: LoadModel) -> int:
 def command(args: argparse.Namespace) -> str:
     """The command line that reproduces this report."""
     argv = ["graphopt", "report", args.model, f"--pipeline={args.pipeline}"]
-    for flag, value in (("--batch", args.batch), ("--max-rewrites", args.max_rewrites)):
+    flags = (
+        ("--batch", args.batch),
+        ("--max-rewrites", args.max_rewrites),
+        ("--calib", args.calib),
+    )
+    for flag, value in flags:
         if value is not None:
             argv += [flag, str(value)]
     if args.on_fail != "rollback":
@@ -144,8 +158,12 @@ def collect(
     pipeline: str,
     on_fail: str = "rollback",
     max_rewrites: int | None = None,
+    *,
+    calibration: Iterable[Any] | None = None,
 ) -> CompileRun:
-    """Capture ``model`` and run ``pipeline`` on it, keeping every intermediate graph."""
+    """Capture ``model`` and run ``pipeline`` on it, keeping every intermediate graph.
+    ``calibration``: batches shaped like ``inputs`` (``graphopt.compile``'s
+    ``calibration_data``), read once."""
     call_args = as_args(inputs)
     captured = capture(model, call_args)
     flat_inputs = pytree.tree_leaves((call_args, {}))
@@ -156,6 +174,7 @@ def collect(
         max_rewrites=max_rewrites,
         target=resolve_target("auto", model, call_args),
         on_step=recorder,
+        calibration=None if calibration is None else flat_batches(calibration),
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", graphopt.EquivalenceWarning)

@@ -3,7 +3,10 @@
 From the graph that the breaking pass received, it cuts the smallest subgraph on which that one
 pass still fails *the same way*, and writes ``DIR/repro.py`` (a standalone script that rebuilds
 the subgraph node by node and runs the pass through ``graphopt.PassManager``) and
-``DIR/tensors.pt`` (the subgraph's weights and the recorded values of its inputs).
+``DIR/tensors.pt`` (the subgraph's weights and the recorded values of its inputs). A pass that
+calibrates (``int8``) gets, in every candidate and in the script, the calibration data the
+subgraph would have seen: the values its inputs take on each calibration batch of the full run,
+recorded once and saved with the rest.
 
 The failure's signature is held fixed while shrinking: the pass, the error type, the failing
 node's op, the node of the received graph it stands for (names are kept), the contract's metric
@@ -29,7 +32,7 @@ import keyword
 import operator
 import runpy
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +82,11 @@ class Subgraph:
     gm: GraphModule
     inputs: list[Any]
     weights: dict[str, torch.Tensor]
+    sources: list[str]  # the node of the full graph each input stands for
+
+    def batches(self, recorded: Sequence[dict[str, Any]]) -> list[list[Any]]:
+        """This subgraph's calibration batches: its inputs' values on each recorded batch."""
+        return [[values[name] for name in self.sources] for values in recorded]
 
 
 def _closed(gm: GraphModule, keep: set[str], values: dict[str, Any]) -> set[str]:
@@ -107,12 +115,14 @@ def extract(gm: GraphModule, keep: set[str], values: dict[str, Any]) -> Subgraph
     g = Graph()
     env: dict[Node, Node] = {}
     inputs: list[Any] = []
+    sources: list[str] = []
     weights: dict[str, torch.Tensor] = {}
     boundary = [i for n in kept for i in n.all_input_nodes if i.name not in keep]
     for inp in dict.fromkeys(boundary):  # placeholders first, then weights, in graph order
         if inp.op != "get_attr":
             env[inp] = g.placeholder(inp.name)
             inputs.append(values[inp.name])
+            sources.append(inp.name)
     for inp in dict.fromkeys(boundary):
         if inp.op == "get_attr":
             name = _identifier(inp.name)
@@ -128,7 +138,7 @@ def extract(gm: GraphModule, keep: set[str], values: dict[str, Any]) -> Subgraph
         root.register_buffer(name, value)
     sub = GraphModule(root, g)
     _set_meta(sub, inputs)
-    return Subgraph(sub, inputs, weights)
+    return Subgraph(sub, inputs, weights, sources)
 
 
 def _set_meta(gm: GraphModule, inputs: Sequence[Any]) -> None:
@@ -149,11 +159,15 @@ def _identifier(name: str) -> str:
 
 
 def attempt(
-    p: Pass, gm: GraphModule, inputs: Sequence[Any], limit: int | None
+    p: Pass,
+    gm: GraphModule,
+    inputs: Sequence[Any],
+    limit: int | None,
+    calibration: list[list[Any]] | None = None,
 ) -> tuple[GraphoptError | None, int, set[str]]:
-    """Run the one pass on ``gm`` (verified, raising): (error, rewrites attempted, rules that
-    applied in the failing run)."""
-    manager = PassManager([p], on_fail="raise", max_rewrites=limit)
+    """Run the one pass on ``gm`` (verified, raising; calibrated on ``calibration``): (error,
+    rewrites attempted, rules that applied in the failing run)."""
+    manager = PassManager([p], on_fail="raise", max_rewrites=limit, calibration=calibration)
     try:
         manager.run(gm, inputs)
     except GraphoptError as exc:
@@ -175,13 +189,23 @@ def signature_of(p: Pass, error: GraphoptError, rules: set[str], rule: str | Non
 
 
 class Minimizer:
+    """Finds the smallest subgraph of ``step_gm`` that reproduces ``signature``. ``values``: the
+    value of every node on the example inputs; ``calibration`` (for a calibrating pass): the
+    same on each calibration batch."""
+
     def __init__(
-        self, step_gm: GraphModule, values: dict[str, Any], p: Pass, signature: Signature
+        self,
+        step_gm: GraphModule,
+        values: dict[str, Any],
+        p: Pass,
+        signature: Signature,
+        calibration: list[dict[str, Any]] | None = None,
     ) -> None:
         self.gm = step_gm
         self.values = values
         self.p = p
         self.signature = signature
+        self.calibration = calibration
         self.attempts = 0
         self.seen: dict[frozenset[str], int | None] = {}
         self.calls = [n.name for n in step_gm.graph.nodes if n.op == "call_function"]
@@ -201,7 +225,8 @@ class Minimizer:
         except Exception:  # a cut whose metadata cannot be rebuilt is not a candidate
             return None
         self.attempts += 1
-        error, used, rules = attempt(self.p, sub.gm, sub.inputs, None)
+        batches = None if self.calibration is None else sub.batches(self.calibration)
+        error, used, rules = attempt(self.p, sub.gm, sub.inputs, None, batches)
         if error is None:
             return None
         # max_rewrites=0 runs nothing; `used` rewrites fail (a crash: one more, the uncounted
@@ -210,7 +235,7 @@ class Minimizer:
         while hi - lo > 1:
             mid = (lo + hi) // 2
             self.attempts += 1
-            found, _, found_rules = attempt(self.p, sub.gm, sub.inputs, mid)
+            found, _, found_rules = attempt(self.p, sub.gm, sub.inputs, mid, batches)
             if found is not None:
                 hi, error, rules = mid, found, found_rules
             else:
@@ -271,9 +296,17 @@ class Minimizer:
         return limit
 
 
-def write_repro(folder: Path, evidence: Trial, verdict: Verdict, inputs: Sequence[Any]) -> Written:
+def write_repro(
+    folder: Path,
+    evidence: Trial,
+    verdict: Verdict,
+    inputs: Sequence[Any],
+    calibration: Iterable[Sequence[Any]] | None = None,
+) -> Written:
     """Minimize the failure of ``evidence`` and write ``folder/repro.py`` and
-    ``folder/tensors.pt``; the script is run here once to check it reproduces."""
+    ``folder/tensors.pt``; the script is run here once to check it reproduces.
+    ``calibration``: the trial's calibration batches (flat like ``inputs``), read once here;
+    every node's value on each is kept while minimizing, and the subgraph's inputs' saved."""
     step = evidence.step
     assert step is not None and evidence.error is not None
     p = step.p
@@ -287,7 +320,10 @@ def write_repro(folder: Path, evidence: Trial, verdict: Verdict, inputs: Sequenc
         verdict.rule,
     )
     _, values = native_run(step.before, list(inputs), record=True)
-    minimizer = Minimizer(step.before, values, p, signature)
+    recorded = None
+    if calibration is not None:
+        recorded = [native_run(step.before, list(batch), record=True)[1] for batch in calibration]
+    minimizer = Minimizer(step.before, values, p, signature, recorded)
     centre = _centre(step, verdict)
     keep = minimizer.grow(centre)
     keep = minimizer.shrink(keep, protect={verdict.replaced} if verdict.replaced else set())
@@ -296,7 +332,10 @@ def write_repro(folder: Path, evidence: Trial, verdict: Verdict, inputs: Sequenc
     folder.mkdir(parents=True, exist_ok=True)
     tensors = folder / "tensors.pt"
     names = [n.name for n in sub.gm.graph.nodes if n.op == "placeholder"]
-    torch.save({"inputs": dict(zip(names, sub.inputs)), "weights": sub.weights}, tensors)
+    saved: dict[str, Any] = {"inputs": dict(zip(names, sub.inputs)), "weights": sub.weights}
+    if recorded is not None:
+        saved["calibration"] = [dict(zip(names, batch)) for batch in sub.batches(recorded)]
+    torch.save(saved, tensors)
     script = folder / "repro.py"
     script.write_text(script_text(sub.gm, p, limit, signature, verdict))
     _check_script(script, signature)
@@ -467,7 +506,8 @@ First diverging node: {node}; {metric}.
 Rebuilds the smallest subgraph of the graph that pass received on which it still fails the same
 way, runs that one pass on it through graphopt's PassManager (verified, on_fail="raise",
 max_rewrites={limit}) and raises AssertionError while the bug is there; exits 0 once it is fixed.
-Run: python repro.py   (tensors.pt, next to it, holds the weights and the recorded inputs)
+Run: python repro.py   (tensors.pt, next to it, holds the weights and the recorded inputs, and
+for a calibrating pass the recorded calibration batches)
 """
 
 {imports}
@@ -489,8 +529,9 @@ MAX_REWRITES = {limit}
 EXPECTED = {expected}
 
 
-def build() -> tuple[GraphModule, list[torch.Tensor]]:
-    """The subgraph, node names as in the graph the pass received, and its recorded inputs."""
+def build() -> tuple[GraphModule, list[torch.Tensor], list[list[torch.Tensor]] | None]:
+    """The subgraph, node names as in the graph the pass received, its recorded inputs and
+    its calibration batches (None when the pass was given none)."""
     t = torch.load(HERE / "tensors.pt")
     g = Graph()
 {body}
@@ -504,14 +545,20 @@ def build() -> tuple[GraphModule, list[torch.Tensor]]:
     for node, value in zip(holders, inputs):
         node.meta["val"] = mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
     graphopt.propagate_meta(gm)
-    return gm, inputs
+    calibration = None
+    if "calibration" in t:
+        calibration = [[batch[n.name] for n in holders] for batch in t["calibration"]]
+    return gm, inputs, calibration
 
 
 def reproduce() -> graphopt.GraphoptError | None:
     """Run the pass on the subgraph; the error it raises, or None when it keeps its contract."""
-    gm, inputs = build()
+    gm, inputs, calibration = build()
+    manager = PassManager(
+        [PASS], on_fail="raise", max_rewrites=MAX_REWRITES, calibration=calibration
+    )
     try:
-        PassManager([PASS], on_fail="raise", max_rewrites=MAX_REWRITES).run(gm, inputs)
+        manager.run(gm, inputs)
     except graphopt.GraphoptError as error:
         return error
     return None

@@ -12,6 +12,7 @@ from torch.fx import GraphModule
 
 from graphopt.errors import GraphoptError
 from graphopt.pipeline.passes import Pass
+from graphopt.pipeline.report import PassRecord, Report
 from graphopt.verification.verify import Verifier
 
 
@@ -25,12 +26,15 @@ class Verdict:
     ``node``/``op`` name the first diverging node of the rewritten graph, ``origin`` the node of
     the captured graph it stands for, ``replaced`` the node of the graph the pass received;
     ``kind`` is "local" or "inherited" ("crash" for a pass that raised); ``metric``, ``value`` and
-    ``threshold`` are that node's numbers under the pass's contract.
+    ``threshold`` are that node's numbers under the pass's contract. ``layers`` holds the
+    per-layer decisions of the verified run (int8's precision per layer, by report row), for the
+    passes it completed; ``calib`` how the command line named the calibration data.
     """
 
     pipeline: str
     trials: int
     model: str = "MODEL"  # how the command line named the model, for the rerun line
+    calib: str | None = None  # how the command line named the calibration data (--calib)
     pass_name: str | None = None
     pass_index: int | None = None
     pass_spec: str | None = None
@@ -54,6 +58,7 @@ class Verdict:
     repro: str | None = None  # the repro script, when one was written
     repro_nodes: int | None = None
     repro_rewrites: int | None = None
+    layers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:
@@ -67,7 +72,7 @@ class Verdict:
         if not self.failed:
             return (
                 f"no pass broke its contract: pipeline {self.pipeline} verified pass by pass "
-                f"({self.trials} trial)"
+                f"({self.trials} trial)" + self._layers_text()
             )
         lines = [
             f"first breaking pass: {self.pass_spec} (pass {self.pass_index} of the pipeline"
@@ -102,8 +107,9 @@ class Verdict:
             lines.append(f"outputs: {shown}")
         lines.append(f"trials: {self.trials}")
         if self.rewrite is not None:
+            calib = f" --calib {self.calib}" if self.calib else ""
             lines.append(
-                f"rerun: graphopt debug {self.model} --pipeline '{self.pipeline}' "
+                f"rerun: graphopt debug {self.model} --pipeline '{self.pipeline}'{calib} "
                 f"--max-rewrites {self.rewrite} --on-fail raise --compare-nodes"
             )
         if self.repro:
@@ -111,7 +117,15 @@ class Verdict:
                 f"repro: python {self.repro}  ({self.repro_nodes} nodes, "
                 f"max_rewrites={self.repro_rewrites})"
             )
-        return "\n".join(lines)
+        return "\n".join(lines) + self._layers_text()
+
+    def _layers_text(self) -> str:
+        """The per-layer tables of the verified run, as the pass report prints them."""
+        records = [
+            PassRecord(name, "", stats={"layers": rows}) for name, rows in self.layers.items()
+        ]
+        text = Report(records).layer_text()
+        return f"\n\nper-layer decisions of the verified run\n{text}" if text else ""
 
 
 def _kind_text(kind: str | None) -> str:
@@ -163,6 +177,12 @@ class Trial:
     verifier: Verifier | None
     ends: dict[tuple[int, int], tuple[GraphModule, dict[str, int]]]  # graph and rules after a run
     rules: dict[str, int]  # rules applied by the failing run
+    report: Report = field(default_factory=Report)  # the records of the passes it completed
+    calibrated_by: str | None = None  # the pass that read the calibration data, if one did
+
+    def layers(self) -> dict[str, list[dict[str, Any]]]:
+        """The per-layer tables (``stats["layers"]``) of the passes this trial completed."""
+        return {r.name: r.stats["layers"] for r in self.report.records if r.stats.get("layers")}
 
     def same_failure(self, other: Trial) -> bool:
         """Fails in the same run of the same pass, with the same kind of error."""

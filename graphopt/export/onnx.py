@@ -44,7 +44,8 @@ from torch.utils import _pytree as pytree
 from graphopt.errors import OnnxExportError, first_line
 from graphopt.frontends.exported import as_args, export_program, normalize
 from graphopt.ir.state import effects, is_stateful
-from graphopt.ops.fused import ACTIVATIONS, GRAPHOPT_OPS, IMPLS
+from graphopt.ops.fused import ACTIVATIONS, norm_reference
+from graphopt.ops.registry import GRAPHOPT_OPS, IMPLS
 from graphopt.runtime.compiled import CompiledModule
 
 aten = torch.ops.aten
@@ -78,7 +79,7 @@ def _dequant_weight(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
 def _epilogue(y: Tensor, b: Tensor | None, r: Tensor | None, act: str) -> Tensor:
     if b is not None:
         y = y + b.to(y.dtype)
-    y = ACTIVATIONS[act](y)
+    y = ACTIVATIONS[act].in_place(y)
     return y if r is None else y + r
 
 
@@ -125,13 +126,13 @@ def _int8_conv1x1(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[n
     y = aten.convolution.default(
         _dequant(xq, x_scale, ftype), w, b, [1, 1], [0, 0], [1, 1], False, [0, 0], 1
     )
-    y = ACTIVATIONS[act](y)
+    y = ACTIVATIONS[act].in_place(y)
     return (y if r is None else y + r).to(dtype)
 
 
 def _norm_quant(x, w, b, eps, kind, scale):  # type: ignore[no-untyped-def]
     # norm_quant(x, .., s) -> q(norm(x, ..), s)
-    return _quant(IMPLS["norm"].reference(x, w, b, eps, kind), scale)
+    return _quant(norm_reference(x, w, b, eps, kind), scale)
 
 
 def _int8_linear_dynamic(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
@@ -173,11 +174,7 @@ QDQ_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_chann
 
 
 def _all_ops() -> dict[str, Any]:
-    from graphopt.ops import sparse as sparse_ops  # noqa: F401  (registers graphopt::sparse24_linear)
-
-    ops = dict(GRAPHOPT_OPS)
-    ops["sparse24_linear"] = G.sparse24_linear.default
-    return ops
+    return dict(GRAPHOPT_OPS)  # every graphopt op, sparse24_linear included
 
 
 def _default_form(name: str) -> Callable[..., Any] | None:

@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphopt.errors import CaptureError, first_line
+from graphopt.frontends import onnx_import
 from graphopt.frontends.exported import (
     StaticShapeWarning,
     as_args,
@@ -30,6 +31,7 @@ from graphopt.frontends.exported import (
     graph_of,
     has_symbolic_batch,
 )
+from graphopt.frontends.signature import InputSignature
 from graphopt.ir.graph import storage_key, written_tensors
 
 aten = torch.ops.aten
@@ -47,6 +49,31 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def source_of(model: Any, example_inputs: Any = None) -> tuple[torch.nn.Module, Any]:
+    """The one hand-off between frontends: an ONNX file or ``onnx.ModelProto`` becomes its eager
+    ``OnnxModule`` (graphopt.frontends.onnx_import), whose example inputs are synthesized from
+    the ONNX input types when none are given; a torch module passes through. Anything else is a
+    ``CaptureError``."""
+    if onnx_import.is_onnx_source(model):
+        model = onnx_import.load_onnx(model)
+    if example_inputs is None and isinstance(model, onnx_import.OnnxModule):
+        example_inputs = model.example_inputs()
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(
+            f"graphopt captures torch.nn.Module objects, got {type(model).__name__}; "
+            "wrap a function in an nn.Module, or pass the path of an ONNX file"
+        )
+    return model, example_inputs
+
+
+def signature_for(args: tuple[Any, ...], kwargs: dict[str, Any], info: dict[str, Any]) -> Any:
+    """What the compiled model accepts: dim 0 may vary (dynamic batch) for a torch capture,
+    every dim that stayed symbolic for an ONNX import (``info`` is ``gm.meta["graphopt_capture"]``)."""
+    if "dynamic_dims" in info:
+        return onnx_import.input_signature(args, info)
+    return InputSignature.of(args, kwargs, info["dynamic_batch"])
+
+
 def capture(
     model: Any,
     example_inputs: Any = None,
@@ -58,16 +85,10 @@ def capture(
 
     ``model`` may also be an ONNX file path or ``onnx.ModelProto`` (graphopt.frontends.onnx_import); its
     example inputs are then optional (synthesized from the ONNX input types)."""
-    from graphopt.frontends import onnx_import
-
-    if onnx_import.is_onnx_source(model) or isinstance(model, onnx_import.OnnxModule):
+    model, example_inputs = source_of(model, example_inputs)
+    if isinstance(model, onnx_import.OnnxModule):
         return onnx_import.capture_onnx(
             model, example_inputs, example_kwargs, dynamic_batch=dynamic_batch
-        )
-    if not isinstance(model, torch.nn.Module):
-        raise CaptureError(
-            f"graphopt captures torch.nn.Module objects, got {type(model).__name__}; "
-            "wrap a function in an nn.Module, or pass the path of an ONNX file"
         )
     # every run below works on copies: the user's inputs and buffers are never written
     args, kwargs = pytree.tree_map(_fresh, (as_args(example_inputs), dict(example_kwargs or {})))

@@ -7,10 +7,14 @@ The rewriter keeps three things right that passes must never do by hand:
   where ``from`` lists the nodes of the captured graph the new node was built from, and
   ``replaces`` names the original node whose value it computes (set by :meth:`Rewriter.replace`);
 * the rewrite budget: ``max_rewrites`` for bisection is counted here, across the whole pipeline.
+
+It also drives rule tables (:mod:`graphopt.ir.rules`): :meth:`Rewriter.apply` matches, judges,
+rewrites, and records every application and near miss, the same way for every pass.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +22,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir.graph import fake_mode_of, original_name
+from graphopt.ir.graph import fake_mode_of, is_pure, original_name
+from graphopt.ir.rules import Call, Const, Judge, Match, Rule
 
 
 @dataclass
@@ -171,8 +176,6 @@ class Rewriter:
 
     def _erase_orphans(self, nodes: Iterable[Node]) -> None:
         """Erase what a rewrite left unused (pure calls, weights), without counting a rewrite."""
-        from graphopt.ir.graph import is_pure
-
         stack = list(nodes)
         while stack:
             node = stack.pop()
@@ -227,6 +230,88 @@ class Rewriter:
         for n in order[:-1]:
             output.prepend(n)
 
+    # -- rule tables ----------------------------------------------------------------------
+    def apply(
+        self,
+        rules: Sequence[Rule | EditRule],
+        *,
+        keep: Judge | None = None,
+        log: bool = True,
+    ) -> int:
+        """Drive ``rules`` over the graph once, in graph order; returns the matches applied.
+
+        At each call node the rules anchored on its op are tried in table order: a near miss
+        (the matcher's reason, or ``keep``'s) is recorded and the next rule tried; the first
+        match that ``keep`` accepts (every match, without a judge) is applied and ends the
+        node's turn. Stops as soon as the rewrite budget is spent. ``log=False`` records
+        neither applications nor near misses (cleanup rules stay out of the report's
+        "why (not) fused" table).
+        """
+        table: dict[Any, list[Rule | EditRule]] = {}
+        for rule in rules:
+            for op in rule.ops if isinstance(rule, Rule) else rule[0]:
+                table.setdefault(op, []).append(rule)
+        applied = 0
+        for node in list(self.gm.graph.nodes):
+            if node._erased or node.op != "call_function" or node.target not in table:
+                continue
+            for rule in table[node.target]:
+                if not self.allowed():
+                    return applied
+                if self._try(rule, node, keep, log):
+                    applied += 1
+                    break
+        return applied
+
+    def _try(self, rule: Rule | EditRule, node: Node, keep: Judge | None, log: bool) -> bool:
+        if not isinstance(rule, Rule):
+            return rule[1](node, self)
+        found = rule.match(node)
+        if found is None:
+            return False
+        if isinstance(found, str):
+            if log:
+                self.missed(rule.name, node, found)
+            return False
+        return self.apply_match(rule.name, found, keep=keep, log=log)
+
+    def apply_match(
+        self, rule: str, match: Match, *, keep: Judge | None = None, log: bool = True
+    ) -> bool:
+        """Apply one match of ``rule`` unless ``keep`` gives a reason not to (recorded as a
+        near miss at the anchor); True when applied. The new nodes go before the anchor, with
+        the matched nodes as their provenance; each member in ``match.replaces`` is replaced
+        (one rewrite each), through a ``getitem`` where the call returns a tuple."""
+        if keep is not None and (why := keep(rule, match)) is not None:
+            if log:
+                self.missed(rule, match.anchor, why)
+            return False
+        anchor, sources = match.anchor, match.nodes
+        new = self._build(match.value, anchor, sources)
+        values = [
+            new
+            if index is None
+            else self.call(operator.getitem, (new, index), before=anchor, sources=[old])
+            for old, index in match.replaces
+        ]
+        for (old, _), value in reversed(list(zip(match.replaces, values))):
+            self.replace(old, value)
+        if log:
+            self.applied(rule)
+        return True
+
+    def _build(self, value: Any, before: Node, sources: Sequence[Node]) -> Any:
+        """Create the Calls and Consts in ``value`` (arguments first, in order)."""
+        if isinstance(value, Call):
+            args = tuple(self._build(a, before, sources) for a in value.args)
+            kwargs = {k: self._build(v, before, sources) for k, v in value.kwargs.items()}
+            return self.call(value.target, args, kwargs, before=before, sources=sources)
+        if isinstance(value, Const):
+            return self.constant(value.value, hint=value.hint, sources=sources)
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._build(v, before, sources) for v in value)
+        return value
+
     def finish(self) -> None:
         """Restore topological order, lint and regenerate code once the pass is done editing."""
         self.sort()
@@ -234,23 +319,13 @@ class Rewriter:
         self.gm.recompile()
 
 
-Rule = tuple[tuple[Any, ...], Callable[[Node, Rewriter], bool]]
+# the form of hand-written rules from before rules were data: ``fn(node, rw)`` edits the graph
+# through ``rw`` itself and returns whether it did; the rewriter neither judges it nor records
+# its applications and near misses (``fn`` may call ``rw.applied`` / ``rw.missed`` itself)
+EditRule = tuple[tuple[Any, ...], Callable[[Node, Rewriter], bool]]
 
 
-def apply_rules(gm: GraphModule, rules: Sequence[Rule], rw: Rewriter) -> None:
-    """Drive a table of (ops, rewrite) rules over the graph once, in order.
-
-    A rewrite returns True when it changed the graph, False when its pattern did not match.
-    """
-    table: dict[Any, list[Callable[[Node, Rewriter], bool]]] = {}
-    for ops, fn in rules:
-        for op in ops:
-            table.setdefault(op, []).append(fn)
-    for node in list(gm.graph.nodes):
-        if node._erased or node.op != "call_function" or node.target not in table:
-            continue
-        for fn in table[node.target]:
-            if not rw.allowed():
-                return
-            if fn(node, rw):
-                break
+def apply_rules(gm: GraphModule, rules: Sequence[Rule | EditRule], rw: Rewriter) -> None:
+    """``rw.apply(rules)``: drive a rule table over ``gm`` once (kept for hand-written passes)."""
+    assert rw.gm is gm, "apply_rules: the rewriter edits another graph"
+    rw.apply(rules)

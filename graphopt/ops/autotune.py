@@ -1,10 +1,12 @@
 """Keep only what is faster: measure candidate implementations once per shape, cache the choice.
 
-Fusion passes ask :func:`choose` whether a fused op beats the unfused ATen graph on the target,
-and graphopt's custom ops ask it whether a Triton kernel beats the ATen implementation for the
-shapes they are called with. Each decision is measured once and cached in memory and on disk
-(``$GRAPHOPT_CACHE_DIR/choices.json``, default ``~/.cache/graphopt``), keyed by the device, the
-torch version and the caller's key (op, shapes, dtypes).
+This is the one home of that policy. Passes ask :func:`why_not_faster` whether a rewrite (a
+fused op, an int8 or pruned layer, a whole graph) beats what it replaces on the target by
+:data:`MARGIN`; graphopt's custom ops ask :func:`choose` whether a Triton kernel beats the ATen
+implementation for the shapes they are called with. Each decision is measured once and cached
+in memory and on disk (``$GRAPHOPT_CACHE_DIR/choices.json``, default ``~/.cache/graphopt``),
+keyed by the device, the torch version and :func:`cache_key` (what is decided, its options,
+the shapes and dtypes).
 
 Timing: on CUDA ``triton.testing.do_bench`` medians; on the CPU the fastest of repeated
 ``perf_counter`` runs after a warm-up, with the candidates taking turns (interference from
@@ -13,6 +15,7 @@ other processes only adds time, so the minimum is the steadiest figure on a shar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -23,11 +26,9 @@ from typing import Any
 
 import torch
 
+from graphopt.kernels.cache import cache_dir
+
 _MEMORY: dict[str, dict[str, Any]] = {}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GRAPHOPT_CACHE_DIR") or Path.home() / ".cache" / "graphopt")
 
 
 def device_name(device: torch.device | str) -> str:
@@ -106,7 +107,8 @@ def choose(
     *,
     reps: int = 15,
 ) -> tuple[str, dict[str, float]]:
-    """The fastest candidate's name and every candidate's median seconds (cached per key).
+    """The fastest candidate's name and every candidate's seconds (cached per ``key``, made by
+    :func:`cache_key`).
 
     The first candidate is the baseline and wins ties: a new implementation must be strictly
     faster to be chosen.
@@ -136,3 +138,56 @@ def shape_key(*tensors: Any) -> str:
         else:
             parts.append(repr(t))
     return " ".join(parts)
+
+
+def cache_key(what: str, *args: Any, **options: Any) -> str:
+    """The key of one cached choice (every key is made here): ``what`` is decided (an op, a
+    rule, a pass), then its ``options`` as ``name=value``, then each argument: a tensor as
+    :func:`shape_key` writes it, a list or tuple of tensors element by element, any other value
+    by its repr, hashed when longer than 64 characters (a program's text). :func:`choose` adds
+    the device and the torch version."""
+    parts = [what, *(f"{k}={v}" for k, v in options.items())]
+    for a in args:
+        if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a):
+            parts.append(f"[{shape_key(*a)}]")
+        elif isinstance(a, torch.Tensor) or len(text := repr(a)) <= 64:
+            parts.append(shape_key(a))
+        else:
+            parts.append("#" + hashlib.sha256(text.encode()).hexdigest()[:16])
+    return " ".join(parts)
+
+
+# a rewrite must win by this fraction: timing noise must not flip a compile's result
+MARGIN = 0.03
+
+
+def why_not_faster(
+    key: str | None,
+    baseline: Callable[[], Any],
+    candidate: Callable[[], Any],
+    device: torch.device | str,
+    *,
+    names: tuple[str, str] = ("ATen", "fused"),
+    reps: int = 15,
+) -> str | None:
+    """Keep only what measures faster: None when ``candidate`` runs at least :data:`MARGIN`
+    faster than ``baseline`` on ``device``; otherwise the near-miss reason with both times,
+    ``not faster on <device>: fused 0.085 ms vs ATen 0.054 ms`` (``names`` = the baseline's and
+    the candidate's names in that text).
+
+    Measured once per ``key`` (from :func:`cache_key`) and cached; ``key=None`` measures every
+    time (whole graphs, which have no key). The candidates are timed as ``aten`` and ``fused``,
+    the names the cache records.
+    """
+    fns = {"aten": baseline, "fused": candidate}
+    if key is None:
+        times = measure_all(fns, device, reps)
+    else:
+        _, times = choose(key, fns, device, reps=reps)
+    if times["fused"] < times["aten"] * (1 - MARGIN):
+        return None
+    base, new = names
+    return (
+        f"not faster on {device_name(device)}: {new} {times['fused'] * 1e3:.3f} ms vs "
+        f"{base} {times['aten'] * 1e3:.3f} ms"
+    )

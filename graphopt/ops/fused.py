@@ -1,11 +1,7 @@
-"""graphopt's own ops: ``torch.ops.graphopt.*``, registered with ``torch.library.custom_op``.
-
-Each op has a fake (meta) implementation for shape propagation and a reference implementation
-in plain ATen that runs on every device, so an optimized graph stays a normal PyTorch graph: it
-saves with ``torch.export.save``, runs under ``torch.compile`` and runs on the CPU. On CUDA the
-op runs a Triton kernel (``graphopt.kernels``) where, for the shapes it is called with, the kernel
-measures faster than the ATen implementation (``graphopt.ops.autotune.choose``, measured once per
-shape and cached); elsewhere it runs the reference.
+"""graphopt's float ops: ``torch.ops.graphopt.*``, each registered by one call of
+:func:`graphopt.ops.registry.define` from its ATen reference (which runs on every device), with a
+fake (meta) implementation and, on CUDA, a Triton kernel (``graphopt.kernels``) used where it
+measures faster than the reference for the shapes it is called with.
 
 =====================  ==========================================================================
 op                     computes
@@ -25,110 +21,51 @@ attention(q, k, v, m,  ``scaled_dot_product_attention``; Triton flash kernel or 
   scale, causal)       whichever measures faster; ``kernels/attention.py``
 =====================  ==========================================================================
 
-The int8 ops (quantize/dequantize, int8_linear, int8_conv1x1, ...) are in graphopt/ops/int8.py.
-Compiled models call all of these through ``DIRECT`` (the same implementations, without the
-dispatcher's Python overhead).
+``act`` names an activation of ``graphopt.kernels.activations.ACTIVATIONS``. The int8 ops are in
+graphopt/ops/int8.py, the 2:4 sparse linear in graphopt/ops/sparse.py.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from graphopt.ir.program import Program
-from graphopt.ops.autotune import choose, shape_key
+from graphopt.kernels.activations import ACTIVATIONS, EPILOGUES
+from graphopt.ops.registry import (
+    DIRECT,
+    GRAPHOPT_OPS,
+    IMPLS,
+    REFERENCE_ONLY_ON_CPU,
+    define,
+    executable,
+)
 
-# activation name -> ATen form, in place where one exists (on a fresh buffer the op owns)
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "none": lambda y: y,
-    "relu": torch.relu_,
-    "relu6": lambda y: y.clamp_(0.0, 6.0),
-    "gelu": F.gelu,  # no in-place form in ATen
-    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-    "silu": lambda y: F.silu(y, inplace=True),
-    "sigmoid": torch.sigmoid_,
-    "tanh": torch.tanh_,
-    "hardswish": lambda y: F.hardswish(y, inplace=True),
-}
-
-
-def kernels_enabled() -> bool:
-    """Triton kernels are used on CUDA unless ``GRAPHOPT_KERNELS=0``."""
-    if os.environ.get("GRAPHOPT_KERNELS", "1") == "0":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _use_kernel(
-    key: str, reference: Callable[[], Any], kernel: Callable[[], Any], x: Tensor
-) -> bool:
-    """True when the Triton kernel measures faster than the ATen reference for this call."""
-    if x.device.type != "cuda" or not kernels_enabled():
-        return False
-    try:
-        choice, _ = choose(key, {"aten": reference, "triton": kernel}, x.device)
-    except Exception:  # a kernel that cannot run for these inputs is simply not chosen
-        return False
-    return choice == "triton"
-
-
-class Impl:
-    """An op's two implementations with one signature: the ATen ``reference`` (every device)
-    and the Triton ``kernel`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), plus
-    ``why_not(*args)``: None when the kernel handles these arguments, else the reason."""
-
-    def __init__(
-        self,
-        reference: Callable[..., Any],
-        kernel: Callable[..., Any],
-        why_not: Callable[..., str | None],
-    ) -> None:
-        self.reference, self.kernel, self.why_not = reference, kernel, why_not
-
-    def cuda(self, name: str) -> Callable[..., Any]:
-        """The CUDA implementation: the kernel where it handles the call and measures faster."""
-
-        def impl(*args: Any) -> Any:
-            tensors = [t for a in args for t in (a if isinstance(a, list) else [a])]
-            tensors = [t for t in tensors if isinstance(t, Tensor)]
-            if kernels_enabled() and self.why_not(*args) is None:
-                others = repr([a for a in args if not isinstance(a, (Tensor, list))])
-                digest = hashlib.sha256(others.encode()).hexdigest()[:16]
-                key = f"{name} {digest} {shape_key(*tensors)}"
-                run_kernel = functools.partial(self.kernel, *args)
-                run_reference = functools.partial(self.reference, *args)
-                if _use_kernel(key, run_reference, run_kernel, tensors[0]):
-                    return run_kernel()
-            return self.reference(*args)
-
-        return impl
-
-
-IMPLS: dict[str, Impl] = {}
-
-
-def _define(name: str, impl: Impl, fake: Callable[..., Any], schema_fn: Callable[..., Any]) -> Any:
-    """Register ``graphopt::<name>`` (signature from ``schema_fn``) with its fake and CUDA forms."""
-    op = torch.library.custom_op(f"graphopt::{name}", mutates_args=())(schema_fn)
-    op.register_fake(fake)
-    op.register_kernel("cuda")(impl.cuda(name))
-    IMPLS[name] = impl
-    return op
-
-
-def _always(*args: Any) -> None:
-    return None
+__all__ = [
+    # the ops
+    "add_norm",
+    "attention",
+    "conv",
+    "fused",
+    "linear",
+    "norm",
+    "softmax",
+    # their helpers
+    "epilogue",
+    "norm_reference",
+    "program_of",
+    # the registry's tables and the activation table, re-exported at the path that passes,
+    # tools and the runtime import them from
+    "ACTIVATIONS",
+    "DIRECT",
+    "GRAPHOPT_OPS",
+    "IMPLS",
+    "REFERENCE_ONLY_ON_CPU",
+    "executable",
+]
 
 
 # -- fused pointwise / reduction groups ----------------------------------------------------------
@@ -136,10 +73,12 @@ def _always(*args: Any) -> None:
 
 @functools.lru_cache(maxsize=4096)
 def program_of(text: str) -> Program:
+    """The :class:`Program` of a ``fused`` call's JSON text (parsed once per text)."""
     return Program.from_json(text)
 
 
 def _fused_ref(xs: list[Tensor], program: str) -> list[Tensor]:
+    """The group's ATen decomposition (on CUDA its generated kernel runs where faster)."""
     return [t.contiguous() for t in program_of(program).run(list(xs))]
 
 
@@ -155,29 +94,38 @@ def _fused_why_not(xs: list[Tensor], program: str) -> str | None:
     return codegen.why_not(program_of(program), xs)
 
 
-def _fused_schema(xs: list[Tensor], program: str) -> list[Tensor]:
-    """Run a fused group: its generated kernel on CUDA, its ATen decomposition elsewhere."""
-    return _fused_ref(xs, program)
-
-
-fused = _define("fused", Impl(_fused_ref, _fused_kernel, _fused_why_not), _fused_ref, _fused_schema)
+fused = define(
+    "fused",
+    _fused_ref,
+    fake=_fused_ref,
+    kernel=_fused_kernel,
+    why_not=_fused_why_not,
+    reference_only_on_cpu=True,
+)
 
 
 # -- GEMM / convolution with epilogue -----------------------------------------------------------
 
 
-def _linear_ref(
-    x: Tensor, w: Tensor, b: Tensor | None, r: Tensor | None, act: str, alpha: float
-) -> Tensor:
-    y = F.linear(x, w)
-    if alpha != 1.0:
-        y.mul_(alpha)
+def epilogue(y: Tensor, b: Tensor | None, r: Tensor | None, act: str) -> Tensor:
+    """``act(y + b) + r`` in place on ``y`` (a fresh buffer the caller owns) where ATen allows:
+    the ATen form of a GEMM epilogue (the int8 ops use it too)."""
     if b is not None:
-        y.add_(b)
-    y = ACTIVATIONS[act](y)
+        y = y.add_(b)
+    y = ACTIVATIONS[act].in_place(y)
     if r is not None:
         y = y.add_(r) if torch.broadcast_shapes(y.shape, r.shape) == y.shape else y + r
     return y
+
+
+def _linear_ref(
+    x: Tensor, w: Tensor, b: Tensor | None, r: Tensor | None, act: str, alpha: float
+) -> Tensor:
+    """``act(alpha * (x @ w.T) + b) + r`` with the epilogue applied in place."""
+    y = F.linear(x, w)
+    if alpha != 1.0:
+        y.mul_(alpha)
+    return epilogue(y, b, r, act)
 
 
 def _linear_kernel(x, w, b, r, act, alpha):  # type: ignore[no-untyped-def]
@@ -187,11 +135,9 @@ def _linear_kernel(x, w, b, r, act, alpha):  # type: ignore[no-untyped-def]
 
 
 def _linear_why_not(x, w, b, r, act, alpha):  # type: ignore[no-untyped-def]
-    from graphopt.kernels import gemm
-
     if x.dtype not in (torch.float16, torch.bfloat16):
         return "the Triton GEMM is used for fp16/bf16 (fp32 stays with cuBLAS)"
-    if act not in gemm.EPILOGUES:
+    if act not in EPILOGUES:
         return f"activation {act!r} has no GEMM epilogue"
     return None
 
@@ -201,15 +147,8 @@ def _linear_fake(x, w, b, r, act, alpha):  # type: ignore[no-untyped-def]
     return y if r is None else y + r
 
 
-def _linear_schema(
-    x: Tensor, w: Tensor, b: Tensor | None, r: Tensor | None, act: str, alpha: float
-) -> Tensor:
-    """``act(alpha * (x @ w.T) + b) + r`` with the epilogue applied in place."""
-    return _linear_ref(x, w, b, r, act, alpha)
-
-
-linear = _define(
-    "linear", Impl(_linear_ref, _linear_kernel, _linear_why_not), _linear_fake, _linear_schema
+linear = define(
+    "linear", _linear_ref, fake=_linear_fake, kernel=_linear_kernel, why_not=_linear_why_not
 )
 
 
@@ -230,7 +169,7 @@ def _conv_ref(
     )
     if r is not None:
         y.add_(r)
-    return ACTIVATIONS[act](y)
+    return ACTIVATIONS[act].in_place(y)
 
 
 def _conv_fake(x, w, b, r, stride, padding, dilation, groups, act):  # type: ignore[no-untyped-def]
@@ -239,17 +178,15 @@ def _conv_fake(x, w, b, r, stride, padding, dilation, groups, act):  # type: ign
     )
 
 
-def _no_kernel(*args: Any) -> str:
-    return "no Triton convolution: cuDNN with an in-place epilogue"
-
-
-conv = _define("conv", Impl(_conv_ref, _conv_ref, _no_kernel), _conv_fake, _conv_ref)
+# no Triton convolution: cuDNN (or the CPU's) with the epilogue in place on its output
+conv = define("conv", _conv_ref, fake=_conv_fake)
 
 
 # -- norms, softmax, attention ------------------------------------------------------------------
 
 
-def _norm_ref(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str) -> Tensor:
+def norm_reference(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str) -> Tensor:
+    """``layer_norm`` (kind "layer") or ``rms_norm`` (kind "rms") over the last dim."""
     n = [x.shape[-1]]
     if kind == "rms":
         return torch.ops.aten.rms_norm.default(x, n, w, eps)
@@ -264,22 +201,21 @@ def _norm_kernel(x, w, b, eps, kind):  # type: ignore[no-untyped-def]
     return norms.layer_norm(x, w, b, eps)[0]
 
 
-def _norm_schema(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str) -> Tensor:
-    """``layer_norm`` (kind "layer") or ``rms_norm`` (kind "rms") over the last dim."""
-    return _norm_ref(x, w, b, eps, kind)
+def _norm_fake(x, w, b, eps, kind):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x)
 
 
-norm = _define(
-    "norm",
-    Impl(_norm_ref, _norm_kernel, _always),
-    lambda x, w, b, eps, kind: torch.empty_like(x),
-    _norm_schema,
+norm = define(
+    "norm", norm_reference, fake=_norm_fake, kernel=_norm_kernel, reference_only_on_cpu=True
 )
 
 
-def _add_norm_ref(x, r, w, b, eps, kind):  # type: ignore[no-untyped-def]
+def _add_norm_ref(
+    x: Tensor, r: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str
+) -> tuple[Tensor, Tensor]:
+    """``s = x + r; (norm(s), s)``: the residual stream and its normalized value in one pass."""
     s = x + r
-    return _norm_ref(s, w, b, eps, kind), s
+    return norm_reference(s, w, b, eps, kind), s
 
 
 def _add_norm_kernel(x, r, w, b, eps, kind):  # type: ignore[no-untyped-def]
@@ -296,27 +232,24 @@ def _add_norm_why_not(x, r, w, b, eps, kind):  # type: ignore[no-untyped-def]
     return None
 
 
-def _add_norm_schema(
-    x: Tensor, r: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str
-) -> tuple[Tensor, Tensor]:
-    """``s = x + r; (norm(s), s)``: the residual stream and its normalized value in one pass."""
-    return _add_norm_ref(x, r, w, b, eps, kind)
-
-
 def _add_norm_fake(x, r, w, b, eps, kind):  # type: ignore[no-untyped-def]
     s = x + r
     return torch.empty_like(s), torch.empty_like(s)
 
 
-add_norm = _define(
+add_norm = define(
     "add_norm",
-    Impl(_add_norm_ref, _add_norm_kernel, _add_norm_why_not),
-    _add_norm_fake,
-    _add_norm_schema,
+    _add_norm_ref,
+    fake=_add_norm_fake,
+    kernel=_add_norm_kernel,
+    why_not=_add_norm_why_not,
+    reference_only_on_cpu=True,
 )
 
 
 def _softmax_ref(x: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+    """``softmax(scale * x + mask, dim=-1)``; a bool mask keeps where True. The mask broadcasts
+    to ``x`` without enlarging it (fuse-kernels checks this)."""
     y = x * scale if scale != 1.0 else x
     if mask is not None:
         y = y.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else y + mask
@@ -329,21 +262,23 @@ def _softmax_kernel(x, scale, mask):  # type: ignore[no-untyped-def]
     return kernel_softmax.softmax(x, -1, scale, mask)
 
 
-def _softmax_schema(x: Tensor, scale: float, mask: Tensor | None) -> Tensor:
-    """``softmax(scale * x + mask, dim=-1)``; a bool mask keeps where True. The mask broadcasts
-    to ``x`` without enlarging it (fuse-kernels checks this)."""
-    return _softmax_ref(x, scale, mask)
+def _softmax_fake(x, scale, mask):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x)
 
 
-softmax = _define(
+softmax = define(
     "softmax",
-    Impl(_softmax_ref, _softmax_kernel, _always),
-    lambda x, scale, mask: torch.empty_like(x),
-    _softmax_schema,
+    _softmax_ref,
+    fake=_softmax_fake,
+    kernel=_softmax_kernel,
+    reference_only_on_cpu=True,
 )
 
 
-def _sdpa(q, k, v, mask, scale, causal):  # type: ignore[no-untyped-def]
+def _attention_ref(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, causal: bool
+) -> Tensor:
+    """``scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale)``."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
@@ -353,64 +288,14 @@ def _attention_kernel(q, k, v, mask, scale, causal):  # type: ignore[no-untyped-
     return kernel_attention.attention(q, k, v, mask, scale, causal)
 
 
-def _attention_schema(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, causal: bool
-) -> Tensor:
-    """``scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=scale)``."""
-    return _sdpa(q, k, v, mask, scale, causal)
+def _attention_fake(q, k, v, mask, scale, causal):  # type: ignore[no-untyped-def]
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-attention = _define(
+attention = define(
     "attention",
-    Impl(_sdpa, _attention_kernel, _always),
-    lambda q, k, v, mask, scale, causal: q.new_empty((*q.shape[:-1], v.shape[-1])),
-    _attention_schema,
+    _attention_ref,
+    fake=_attention_fake,
+    kernel=_attention_kernel,
+    reference_only_on_cpu=True,
 )
-
-
-GRAPHOPT_OPS = {name: getattr(torch.ops.graphopt, name).default for name in IMPLS}
-
-# ops whose CPU implementation is exactly their ATen reference: fusing them pays the custom-op
-# dispatch (about 10 us a call) and gains nothing on the CPU
-REFERENCE_ONLY_ON_CPU = frozenset(
-    GRAPHOPT_OPS[k] for k in ("fused", "norm", "add_norm", "softmax", "attention")
-)
-
-
-from graphopt.ops import int8 as ops_int8  # noqa: E402, F401  (registers the int8 ops in IMPLS)
-
-GRAPHOPT_OPS.update({name: getattr(torch.ops.graphopt, name).default for name in IMPLS})
-
-
-def _direct(name: str) -> Callable[..., Any]:
-    impl = IMPLS[name]
-    cuda = impl.cuda(name)
-
-    def run(*args: Any) -> Any:
-        first = next(
-            t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, Tensor)
-        )
-        return cuda(*args) if first.device.type == "cuda" else impl.reference(*args)
-
-    run.__name__ = f"graphopt_{name}"
-    return run
-
-
-# op overload -> the same computation as a plain function, without the dispatcher's Python
-# overhead (25 to 50 us a call on the CPU, measured); compiled models execute through these
-DIRECT: dict[Any, Callable[..., Any]] = {GRAPHOPT_OPS[name]: _direct(name) for name in IMPLS}
-
-
-def executable(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of ``gm`` for execution, calling graphopt ops directly (weights shared)."""
-    if not any(n.op == "call_function" and n.target in DIRECT for n in gm.graph.nodes):
-        return gm
-    graph = torch.fx.Graph()
-    graph.set_codegen(gm.graph._codegen)  # the same input/output structure (pytree specs)
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        new = graph.node_copy(node, lambda n: env[n])
-        if new.op == "call_function" and new.target in DIRECT:
-            new.target = DIRECT[new.target]
-        env[node] = new
-    return torch.fx.GraphModule(gm, graph)

@@ -1,4 +1,6 @@
-"""graphopt's int8 ops (``torch.ops.graphopt.*``), registered like the others in graphopt/ops/fused.py.
+"""graphopt's int8 ops (``torch.ops.graphopt.*``), each registered by one call of
+:func:`graphopt.ops.registry.define` from its ATen reference, like the float ops of
+graphopt/ops/fused.py (whose epilogue and norm they reuse).
 
 Symmetric int8 everywhere: range [-127, 127], zero point 0, round half to even (torch.round).
 Scales are floats or tensors that the float64 reference run promotes, so the reference run of
@@ -14,7 +16,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from graphopt.ir.program import Program
-from graphopt.ops.fused import ACTIVATIONS, Impl, _always, _define, _no_kernel, _norm_ref
+from graphopt.kernels.activations import INT8_EPILOGUES
+from graphopt.ops.fused import epilogue, norm_reference
+from graphopt.ops.registry import define
 
 QMAX = 127
 
@@ -24,6 +28,7 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 
 
 def _quantize_ref(x: Tensor, scale: float) -> Tensor:
+    """``round(x / scale)`` clamped to [-127, 127], as int8 (per-tensor, symmetric)."""
     # divide in fp32 at least (as the kernel does): fp16 quotients would shift ties
     return torch.round(_at_least_fp32(x) / scale).clamp_(-QMAX, QMAX).to(torch.int8)
 
@@ -34,44 +39,41 @@ def _quantize_kernel(x, scale):  # type: ignore[no-untyped-def]
     return int8_gemm.quantize_per_tensor(x, scale)
 
 
-def _quantize_schema(x: Tensor, scale: float) -> Tensor:
-    """``round(x / scale)`` clamped to [-127, 127], as int8 (per-tensor, symmetric)."""
-    return _quantize_ref(x, scale)
+def _quantize_fake(x, scale):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x, dtype=torch.int8)
 
 
-quantize_per_tensor = _define(
-    "quantize_per_tensor",
-    Impl(_quantize_ref, _quantize_kernel, _always),
-    lambda x, scale: torch.empty_like(x, dtype=torch.int8),
-    _quantize_schema,
+quantize_per_tensor = define(
+    "quantize_per_tensor", _quantize_ref, fake=_quantize_fake, kernel=_quantize_kernel
 )
 
 
-def _dequantize_schema(q: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+def _dequantize_ref(q: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     """``q * scale`` in ``dtype`` (per-tensor)."""
     return q.to(dtype) * scale
 
 
-dequantize_per_tensor = _define(
-    "dequantize_per_tensor",
-    Impl(_dequantize_schema, _dequantize_schema, _no_kernel),
-    lambda q, scale, dtype: torch.empty_like(q, dtype=dtype),
-    _dequantize_schema,
-)
+def _dequantize_fake(q, scale, dtype):  # type: ignore[no-untyped-def]
+    return torch.empty_like(q, dtype=dtype)
 
 
-def _dequantize_channel_schema(q: Tensor, scales: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
+# the dequantizers have no Triton kernel: ATen on every device
+dequantize_per_tensor = define("dequantize_per_tensor", _dequantize_ref, fake=_dequantize_fake)
+
+
+def _dequantize_channel_ref(q: Tensor, scales: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
     """``q * scales`` along ``axis`` (per-channel weights), in ``dtype``."""
     shape = [1] * q.dim()
     shape[axis] = -1
     return q.to(dtype) * scales.to(dtype).reshape(shape)
 
 
-dequantize_per_channel = _define(
-    "dequantize_per_channel",
-    Impl(_dequantize_channel_schema, _dequantize_channel_schema, _no_kernel),
-    lambda q, scales, axis, dtype: torch.empty_like(q, dtype=dtype),
-    _dequantize_channel_schema,
+def _dequantize_channel_fake(q, scales, axis, dtype):  # type: ignore[no-untyped-def]
+    return torch.empty_like(q, dtype=dtype)
+
+
+dequantize_per_channel = define(
+    "dequantize_per_channel", _dequantize_channel_ref, fake=_dequantize_channel_fake
 )
 
 
@@ -87,21 +89,22 @@ def _int_mm(xq: Tensor, wq: Tensor) -> Tensor:
     return acc.reshape(*xq.shape[:-1], wq.shape[0])
 
 
-def _epilogue(y: Tensor, b: Tensor | None, r: Tensor | None, act: str) -> Tensor:
-    if b is not None:
-        y = y.add_(b)
-    y = ACTIVATIONS[act](y)
-    if r is not None:
-        y = y.add_(r) if torch.broadcast_shapes(y.shape, r.shape) == y.shape else y + r
-    return y
-
-
-def _int8_linear_ref(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
+def _int8_linear_ref(
+    xq: Tensor,
+    x_scale: float,
+    wq: Tensor,
+    w_scale: Tensor,
+    b: Tensor | None,
+    r: Tensor | None,
+    act: str,
+    dtype: torch.dtype,
+) -> Tensor:
+    """W8A8 static: ``act((xq @ wq.T) * x_scale * w_scale + b) + r`` with an int32 accumulator."""
     acc = _int_mm(xq, wq)
     # scale in fp32 at least: an int32 accumulator overflows fp16 long before it overflows
     ftype = torch.promote_types(dtype, torch.float32)
     y = acc.to(ftype) * (w_scale.to(ftype) * x_scale)
-    return _epilogue(y, b, r, act).to(dtype)
+    return epilogue(y, b, r, act).to(dtype)
 
 
 def _int8_linear_kernel(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
@@ -113,12 +116,23 @@ def _int8_linear_kernel(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ig
 
 
 def _int8_linear_why_not(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
-    from graphopt.kernels import int8_gemm
-
-    return None if act in int8_gemm.INT8_EPILOGUES else f"activation {act!r} has no epilogue"
+    return None if act in INT8_EPILOGUES else f"activation {act!r} has no epilogue"
 
 
-def _int8_linear_schema(
+def _int8_linear_fake(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=dtype)
+
+
+int8_linear = define(
+    "int8_linear",
+    _int8_linear_ref,
+    fake=_int8_linear_fake,
+    kernel=_int8_linear_kernel,
+    why_not=_int8_linear_why_not,
+)
+
+
+def _int8_requant_ref(
     xq: Tensor,
     x_scale: float,
     wq: Tensor,
@@ -126,23 +140,9 @@ def _int8_linear_schema(
     b: Tensor | None,
     r: Tensor | None,
     act: str,
-    dtype: torch.dtype,
+    out_scale: float,
 ) -> Tensor:
-    """W8A8 static: ``act((xq @ wq.T) * x_scale * w_scale + b) + r`` with an int32 accumulator."""
-    return _int8_linear_ref(xq, x_scale, wq, w_scale, b, r, act, dtype)
-
-
-int8_linear = _define(
-    "int8_linear",
-    Impl(_int8_linear_ref, _int8_linear_kernel, _int8_linear_why_not),
-    lambda xq, x_scale, wq, w_scale, b, r, act, dtype: xq.new_empty(
-        (*xq.shape[:-1], wq.shape[0]), dtype=dtype
-    ),
-    _int8_linear_schema,
-)
-
-
-def _int8_requant_ref(xq, x_scale, wq, w_scale, b, r, act, out_scale):  # type: ignore[no-untyped-def]
+    """``int8_linear`` whose epilogue requantizes: int8 out, for a chain that stays int8."""
     y = _int8_linear_ref(xq, x_scale, wq, w_scale, b, r, act, torch.float32)
     return _quantize_ref(y, out_scale)
 
@@ -160,27 +160,16 @@ def _int8_requant_why_not(xq, x_scale, wq, w_scale, b, r, act, out_scale):  # ty
     return _int8_linear_why_not(xq, x_scale, wq, w_scale, b, r, act, torch.float32)
 
 
-def _int8_requant_schema(
-    xq: Tensor,
-    x_scale: float,
-    wq: Tensor,
-    w_scale: Tensor,
-    b: Tensor | None,
-    r: Tensor | None,
-    act: str,
-    out_scale: float,
-) -> Tensor:
-    """``int8_linear`` whose epilogue requantizes: int8 out, for a chain that stays int8."""
-    return _int8_requant_ref(xq, x_scale, wq, w_scale, b, r, act, out_scale)
+def _int8_requant_fake(xq, x_scale, wq, w_scale, b, r, act, out_scale):  # type: ignore[no-untyped-def]
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=torch.int8)
 
 
-int8_linear_requant = _define(
+int8_linear_requant = define(
     "int8_linear_requant",
-    Impl(_int8_requant_ref, _int8_requant_kernel, _int8_requant_why_not),
-    lambda xq, x_scale, wq, w_scale, b, r, act, out_scale: xq.new_empty(
-        (*xq.shape[:-1], wq.shape[0]), dtype=torch.int8
-    ),
-    _int8_requant_schema,
+    _int8_requant_ref,
+    fake=_int8_requant_fake,
+    kernel=_int8_requant_kernel,
+    why_not=_int8_requant_why_not,
 )
 
 
@@ -220,8 +209,11 @@ def _norm_quant_program(eps: float, kind: str, scale: float, affine: tuple[bool,
     return Program(1 + affine[0] + affine[1], tuple(calls), (out,))
 
 
-def _norm_quant_ref(x, w, b, eps, kind, scale):  # type: ignore[no-untyped-def]
-    return _quantize_ref(_norm_ref(x, w, b, eps, kind), scale)
+def _norm_quant_ref(
+    x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str, scale: float
+) -> Tensor:
+    """A norm over the last dim whose output is quantized in the same pass: int8 out."""
+    return _quantize_ref(norm_reference(x, w, b, eps, kind), scale)
 
 
 def _norm_quant_args(x, w, b, eps, kind, scale):  # type: ignore[no-untyped-def]
@@ -243,22 +235,31 @@ def _norm_quant_why_not(x, w, b, eps, kind, scale):  # type: ignore[no-untyped-d
     return codegen.why_not(*_norm_quant_args(x, w, b, eps, kind, scale))
 
 
-def _norm_quant_schema(
-    x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, kind: str, scale: float
-) -> Tensor:
-    """A norm over the last dim whose output is quantized in the same pass: int8 out."""
-    return _norm_quant_ref(x, w, b, eps, kind, scale)
+def _norm_quant_fake(x, w, b, eps, kind, scale):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x, dtype=torch.int8)
 
 
-norm_quant = _define(
+norm_quant = define(
     "norm_quant",
-    Impl(_norm_quant_ref, _norm_quant_kernel, _norm_quant_why_not),
-    lambda x, w, b, eps, kind, scale: torch.empty_like(x, dtype=torch.int8),
-    _norm_quant_schema,
+    _norm_quant_ref,
+    fake=_norm_quant_fake,
+    kernel=_norm_quant_kernel,
+    why_not=_norm_quant_why_not,
 )
 
 
-def _int8_conv1x1_ref(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
+def _int8_conv1x1_ref(
+    xq: Tensor,
+    x_scale: float,
+    wq: Tensor,
+    w_scale: Tensor,
+    b: Tensor | None,
+    r: Tensor | None,
+    act: str,
+    dtype: torch.dtype,
+) -> Tensor:
+    """A 1x1 convolution (stride 1, no padding, one group) in W8A8 static: ``int8_linear`` over
+    the channel dim of NCHW ``xq``; ``act(conv + b) + r``."""
     # a 1x1 convolution is a GEMM over channels: NCHW -> NHWC rows, then back
     rows = xq.permute(0, 2, 3, 1)
     res = r.permute(0, 2, 3, 1) if r is not None else None
@@ -275,28 +276,16 @@ def _int8_conv1x1_kernel(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: i
     return y.permute(0, 3, 1, 2).contiguous()
 
 
-def _int8_conv1x1_schema(
-    xq: Tensor,
-    x_scale: float,
-    wq: Tensor,
-    w_scale: Tensor,
-    b: Tensor | None,
-    r: Tensor | None,
-    act: str,
-    dtype: torch.dtype,
-) -> Tensor:
-    """A 1x1 convolution (stride 1, no padding, one group) in W8A8 static: ``int8_linear`` over
-    the channel dim of NCHW ``xq``; ``act(conv + b) + r``."""
-    return _int8_conv1x1_ref(xq, x_scale, wq, w_scale, b, r, act, dtype)
+def _int8_conv1x1_fake(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
+    return xq.new_empty((xq.shape[0], wq.shape[0], *xq.shape[2:]), dtype=dtype)
 
 
-int8_conv1x1 = _define(
+int8_conv1x1 = define(
     "int8_conv1x1",
-    Impl(_int8_conv1x1_ref, _int8_conv1x1_kernel, _int8_linear_why_not),
-    lambda xq, x_scale, wq, w_scale, b, r, act, dtype: xq.new_empty(
-        (xq.shape[0], wq.shape[0], *xq.shape[2:]), dtype=dtype
-    ),
-    _int8_conv1x1_schema,
+    _int8_conv1x1_ref,
+    fake=_int8_conv1x1_fake,
+    kernel=_int8_conv1x1_kernel,
+    why_not=_int8_linear_why_not,
 )
 
 
@@ -306,11 +295,14 @@ def _quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8), scale
 
 
-def _int8_dynamic_ref(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
+def _int8_dynamic_ref(
+    x: Tensor, wq: Tensor, w_scale: Tensor, b: Tensor | None, r: Tensor | None, act: str
+) -> Tensor:
+    """W8A8 dynamic: activations quantized per token at run time, then as ``int8_linear``."""
     xq, x_scale = _quantize_per_token(x)
     acc = _int_mm(xq, wq)
     y = acc.to(x_scale.dtype) * x_scale * w_scale.to(x_scale.dtype)
-    return _epilogue(y, b, r, act).to(x.dtype)
+    return epilogue(y, b, r, act).to(x.dtype)
 
 
 def _int8_dynamic_kernel(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
@@ -327,24 +319,25 @@ def _int8_dynamic_why_not(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped
     return _int8_linear_why_not(x, 1.0, wq, w_scale, b, r, act, x.dtype)
 
 
-def _int8_dynamic_schema(
-    x: Tensor, wq: Tensor, w_scale: Tensor, b: Tensor | None, r: Tensor | None, act: str
-) -> Tensor:
-    """W8A8 dynamic: activations quantized per token at run time, then as ``int8_linear``."""
-    return _int8_dynamic_ref(x, wq, w_scale, b, r, act)
+def _float_linear_fake(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], wq.shape[0]))
 
 
-int8_linear_dynamic = _define(
+int8_linear_dynamic = define(
     "int8_linear_dynamic",
-    Impl(_int8_dynamic_ref, _int8_dynamic_kernel, _int8_dynamic_why_not),
-    lambda x, wq, w_scale, b, r, act: x.new_empty((*x.shape[:-1], wq.shape[0])),
-    _int8_dynamic_schema,
+    _int8_dynamic_ref,
+    fake=_float_linear_fake,
+    kernel=_int8_dynamic_kernel,
+    why_not=_int8_dynamic_why_not,
 )
 
 
-def _w8a16_ref(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
+def _w8a16_ref(
+    x: Tensor, wq: Tensor, w_scale: Tensor, b: Tensor | None, r: Tensor | None, act: str
+) -> Tensor:
+    """W8A16 weight-only: ``act(x @ (wq * w_scale).T + b) + r`` in x's dtype."""
     w = wq.to(x.dtype) * w_scale.to(x.dtype)[:, None]
-    return _epilogue(F.linear(x, w), b, r, act)
+    return epilogue(F.linear(x, w), b, r, act)
 
 
 def _w8a16_kernel(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
@@ -360,16 +353,10 @@ def _w8a16_why_not(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
     return _int8_linear_why_not(x, 1.0, wq, w_scale, b, r, act, x.dtype)
 
 
-def _w8a16_schema(
-    x: Tensor, wq: Tensor, w_scale: Tensor, b: Tensor | None, r: Tensor | None, act: str
-) -> Tensor:
-    """W8A16 weight-only: ``act(x @ (wq * w_scale).T + b) + r`` in x's dtype."""
-    return _w8a16_ref(x, wq, w_scale, b, r, act)
-
-
-w8a16_linear = _define(
+w8a16_linear = define(
     "w8a16_linear",
-    Impl(_w8a16_ref, _w8a16_kernel, _w8a16_why_not),
-    lambda x, wq, w_scale, b, r, act: x.new_empty((*x.shape[:-1], wq.shape[0])),
-    _w8a16_schema,
+    _w8a16_ref,
+    fake=_float_linear_fake,
+    kernel=_w8a16_kernel,
+    why_not=_w8a16_why_not,
 )

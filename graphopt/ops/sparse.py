@@ -6,6 +6,7 @@ On CUDA the weight is compressed once (``torch.sparse.to_sparse_semi_structured`
 weight version) and the GEMM runs on the sparse tensor cores; everywhere else, and whenever the
 compression or the sparse GEMM is not supported (dtype, shape, GPU), it is the dense ``F.linear``.
 The graph therefore stays exportable: it holds an ordinary dense weight with exact zeros.
+Registered by :func:`graphopt.ops.registry.define` with that CUDA implementation of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from graphopt.ops.registry import define
 
 # dtypes the semi-structured kernels take; anything else stays dense without trying
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
@@ -68,18 +71,15 @@ def compressed(w: Tensor) -> Any:
     return _COMPRESSED[key]
 
 
-@torch.library.custom_op("graphopt::sparse24_linear", mutates_args=())
-def sparse24_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def _sparse24_linear_ref(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """``F.linear(x, w, b)`` with ``w`` in the 2:4 pattern (the reference: dense)."""
     return F.linear(x, w, b)
 
 
-@sparse24_linear.register_fake
 def _sparse24_linear_fake(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-@sparse24_linear.register_kernel("cuda")
 def _sparse24_linear_cuda(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     sparse = compressed(w) if w.dtype in SPARSE_DTYPES and x.dtype == w.dtype else None
     if sparse is not None:
@@ -88,3 +88,10 @@ def _sparse24_linear_cuda(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
             _COMPRESSED[_key(w)] = None  # this GPU/shape cannot run it: dense from now on
     return F.linear(x, w, b)
+
+
+# on CUDA the sparse GEMM whenever the weight compresses (the prune pass measured it faster
+# before it lowered the layer), not a measured Triton kernel
+sparse24_linear = define(
+    "sparse24_linear", _sparse24_linear_ref, fake=_sparse24_linear_fake, cuda=_sparse24_linear_cuda
+)

@@ -7,9 +7,10 @@ snapshots and rollback, invariant checks and verification against each pass's co
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,15 @@ _STATUS_RANK = {"unchanged": 0, "ok": 1, "skipped": 2, "rolled back": 3}
 
 
 class PassManager:
+    """Runs ``pipeline`` (see the module docstring).
+
+    ``calibration``: the calibration batches for the passes that calibrate (``int8``), each a
+    flat list like the example inputs, as ``PassContext.calibration``: a stream, read once per
+    ``run``, batch by batch, never copied (a generator works). A batch shaped unlike the
+    example inputs, or a second read, is a ``GraphoptError`` about the data, raised as it is,
+    never taken for a bug of the pass that was reading.
+    """
+
     def __init__(
         self,
         pipeline: str | Sequence[PipelineItem | str],
@@ -86,10 +96,13 @@ class PassManager:
         keep_snapshots: bool = False,
         on_event: Event | None = None,
         on_step: StepEvent | None = None,
+        calibration: Iterable[Sequence[Any]] | None = None,
     ) -> None:
         if on_fail not in ("rollback", "raise"):
             raise GraphoptError(f"on_fail={on_fail!r}: use 'rollback' (the default) or 'raise'")
         self.items = parse_pipeline(pipeline)
+        self.calibration = calibration
+        self._stream: CalibrationStream | None = None
         self.verify = verify
         self.on_fail = on_fail
         self.keep_snapshots = keep_snapshots
@@ -111,6 +124,7 @@ class PassManager:
         self.verifier = Verifier(gm, flat_inputs) if self.verify else None
         self._inputs = list(flat_inputs)
         self.ctx.inputs = self._inputs
+        self.ctx.calibration = self._stream = self._calibration_stream()
         gm = snapshot(gm)
         # what the graph may write in place: only what the graph it was given writes (nothing,
         # for a captured graph, which is functional)
@@ -174,6 +188,8 @@ class PassManager:
             for rw in self.ctx.rewriters:
                 rw.finish()
         except Exception as exc:  # a bug in a pass must not take the compile down with it
+            if self._stream is not None and exc is self._stream.error:
+                raise  # the user's calibration data is wrong, not the pass
             record.time_s += time.perf_counter() - t0
             step.rules = self._rules()
             return self._crashed(gm, p, record, exc, step), False
@@ -207,6 +223,18 @@ class PassManager:
         record.nodes_after = count_op_nodes(gm)
         self._end(record, step)
         return gm, changed and keep
+
+    def _calibration_stream(self) -> CalibrationStream | None:
+        """This run's view of the calibration data; a one-shot iterator serves one run."""
+        if self.calibration is None:
+            return None
+        one_shot = isinstance(self.calibration, Iterator)  # a generator, not a list
+        if one_shot and self._stream is not None and self._stream.read_by is not None:
+            raise GraphoptError(
+                "the calibration data is a one-shot iterator that an earlier run of this pass "
+                "manager has read; pass a list of batches, or a new iterator for each run"
+            )
+        return CalibrationStream(self.calibration, self._inputs, self.ctx)
 
     def _rules(self) -> dict[str, RuleLog]:
         """The rule log of the pass run in progress (all its rewriters)."""
@@ -304,6 +332,81 @@ class PassManager:
             else self.verifier.aliasing_error(p.name, new_aliases, after)
         )
         return self._reject(error, record)
+
+
+class CalibrationStream:
+    """The calibration batches as passes read them (``PassContext.calibration``): once, batch by
+    batch, each checked against the example inputs as it is read. A second read, or a batch
+    shaped unlike the inputs, raises a ``GraphoptError`` kept in ``error`` (so the pass manager
+    can tell it from a bug of the pass that was reading)."""
+
+    def __init__(self, batches: Iterable[Sequence[Any]], inputs: Sequence[Any], ctx: PassContext):
+        self.batches = batches
+        self.inputs = inputs
+        self.ctx = ctx
+        self.read_by: str | None = None  # the pass that read it
+        self.error: GraphoptError | None = None
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        if self.read_by is not None:
+            raise self._fail(
+                f"pass {self.ctx.pass_name!r} reads the calibration data, which pass "
+                f"{self.read_by!r} has already read: it is a stream, read once per compile; "
+                "keep one calibrating pass in the pipeline"
+            )
+        self.read_by = self.ctx.pass_name
+        return self._read()
+
+    def _read(self) -> Iterator[list[Any]]:
+        try:
+            batches = iter(self.batches)
+        except TypeError:
+            raise self._fail(
+                f"the calibration data is a {type(self.batches).__name__}, not an iterable of "
+                "batches; pass a list (or any iterable) of batches shaped like the example inputs"
+            ) from None
+        for index in itertools.count():
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except GraphoptError as exc:
+                raise self._fail(str(exc)) from exc
+            except Exception as exc:  # the user's iterable failed: say so, not "the pass crashed"
+                raise self._fail(
+                    f"reading calibration batch {index} raised {type(exc).__name__}: {exc}"
+                ) from exc
+            yield self._checked(index, batch)
+
+    def _checked(self, index: int, batch: Sequence[Any]) -> list[Any]:
+        batch = list(batch)
+        if len(batch) != len(self.inputs):
+            raise self._fail(
+                f"calibration batch {index} has {len(batch)} inputs; the model takes "
+                f"{len(self.inputs)}, as the example inputs: give each batch as the example "
+                "inputs are given (a tensor, or a tuple of the model's positional inputs)"
+            )
+        for i, (got, want) in enumerate(zip(batch, self.inputs)):
+            if _kind(got) != _kind(want):
+                raise self._fail(
+                    f"calibration batch {index}: input {i} is {_kind(got)}, the example input "
+                    f"is {_kind(want)}; calibration batches must be shaped like the example "
+                    "inputs (any batch size)"
+                )
+        return batch
+
+    def _fail(self, message: str) -> GraphoptError:
+        self.error = GraphoptError(message)
+        return self.error
+
+
+def _kind(value: Any) -> str:
+    """What a calibration input must agree on with its example input (not the batch size)."""
+    if isinstance(value, torch.Tensor):
+        return (
+            f"a {value.dim()}-d {str(value.dtype).removeprefix('torch.')} tensor on {value.device}"
+        )
+    return type(value).__name__
 
 
 def _written_state(gm: GraphModule) -> set[tuple[str, str]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,6 +21,7 @@ from torch.fx import GraphModule
 
 from graphopt.errors import PipelineError
 from graphopt.ir.rewriter import RewriteBudget, Rewriter
+from graphopt.ir.rules import Judge, Rule
 from graphopt.verification.contracts import Contract
 
 
@@ -33,7 +34,9 @@ class PassContext:
     pass_name: str = ""
     rewriters: list[Rewriter] = field(default_factory=list)
     inputs: list[Any] = field(default_factory=list)  # the example inputs, flat
-    calibration: list[list[Any]] | None = None  # calibration batches, each flat like inputs
+    # the calibration batches, each flat like ``inputs``: a stream, read once and batch by batch
+    # (the pass manager refuses a second read); None: the example inputs are the only batch
+    calibration: Iterable[list[Any]] | None = None
 
     def rewriter(self, gm: GraphModule) -> Rewriter:
         rw = Rewriter(gm, self.pass_name, self.budget)
@@ -124,6 +127,30 @@ class FixedPoint:
         if self.name != "fixpoint":
             return self.name
         return "fixpoint(" + ",".join(p.spec() for p in self.passes) + ")"
+
+
+@dataclass(frozen=True)
+class RulePass(Pass):
+    """A pass that is a table of rules: the rewriter drives ``rules`` over the graph once
+    (``Rewriter.apply``), and ``stat`` names the number of matches applied in the pass's
+    statistics. ``judge()`` may veto matches (the fusion passes keep only what measures faster);
+    ``logged = False`` keeps a pass's rules out of the report's "why (not) fused" table.
+
+    A subclass is data: its name, contract, options and rule table; it writes no ``run``.
+    """
+
+    rules: ClassVar[Sequence[Rule]] = ()
+    stat: ClassVar[str] = "rewrites"
+    logged: ClassVar[bool] = True
+
+    def judge(self) -> Judge | None:
+        """Who decides whether a match is applied (None: every match is)."""
+        return None
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        rw = ctx.rewriter(gm)
+        applied = rw.apply(self.rules, keep=self.judge(), log=self.logged)
+        return PassResult(rw.rewrites > 0, {self.stat: applied})
 
 
 PipelineItem = Pass | FixedPoint

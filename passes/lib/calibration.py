@@ -13,11 +13,14 @@ calibration batches:
     mse          argmin over candidate thresholds of the expected squared error (clip + round)
     entropy      TensorRT's KL-divergence calibration on the histogram of |x|
 
-Observers work in two phases, so that statistics gathered by several processes (each on its own
-shard of the calibration set) combine exactly: phase 1 (``observe_range``) tracks ``amax = max|x|``,
-which is all-reduced with MAX; phase 2 (``observe_hist``, histogram observers only) counts ``|x|``
-in ``bins`` equal bins over ``[0, amax]``, and the counts are all-reduced with SUM. ``calibrate``
-runs both phases over a graph; ``all_reduce_observers`` does the reductions.
+Calibration is a stream: each batch is run, observed and dropped, in one pass over the data.
+Histogram observers count ``|x|`` on a grid that grows with the data (``Observer``): ``[0, R)``
+with ``R`` the smallest power of two above ``max|x|``, cut into fine bins; when a batch widens
+the range, ``R`` doubles and pairs of bins merge, which is exact. So the histogram of a data set
+does not depend on how it was cut into batches or shards, and the observers of several processes
+(each on its own shard) combine exactly: ``all_reduce_observers`` takes the MAX of the ranges and
+the SUM of the histograms once every process has observed its shard. ``threshold()`` reads the
+fine histogram as ``bins`` equal bins over ``[0, max|x|]``, the histogram the rules are defined on.
 
 Weights are quantized per output channel with ``quantize_weight_per_channel``.
 """
@@ -25,9 +28,11 @@ Weights are quantized per output channel with ``quantize_weight_per_channel``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -43,7 +48,12 @@ QMAX = 127
 # as graphopt's per-token activation scales. Quantize in float32: 1e-12 / 127 underflows float16.
 MIN_THRESHOLD = 1e-12
 
+# Fine histogram bins per bin of the histogram the thresholds are read from (at least half of them
+# fall below amax): the error of spreading a fine bin's count evenly is a fraction of a fine bin.
+OVERSAMPLE = 16
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+B = TypeVar("B")
 
 
 def _abs_finite(x: torch.Tensor) -> torch.Tensor:
@@ -55,16 +65,30 @@ def _abs_finite(x: torch.Tensor) -> torch.Tensor:
 
 
 class Observer:
-    """Statistics of ``|x|`` for one tensor, and the clip threshold they imply.
+    """Statistics of ``|x|`` for one tensor, gathered in one pass, and the clip threshold they
+    imply.
 
-    Protocol: ``observe_range(x)`` on every batch; ``finalize_range()`` (after all-reducing
-    ``amax`` with MAX when several processes calibrate); then, if ``needs_histogram``,
-    ``observe_hist(x)`` on every batch (after which histograms may be summed across processes);
-    then ``threshold()`` and ``scale()``. Non-finite values (inf, nan) are ignored: they have no
-    int8 code, and an attention mask of -inf must not stretch the range.
+    Protocol: ``observe(x)`` on every batch as it streams past; ``all_reduce_observers`` once
+    when several processes calibrate, each on its own shard; then ``threshold()`` and
+    ``scale()``. Non-finite values (inf, nan) are ignored: they have no int8 code, and an
+    attention mask of -inf must not stretch the range.
+
+    Histogram observers count ``|x|`` in ``fine_bins`` (the power of two at or above
+    ``OVERSAMPLE * bins``) equal bins over ``[0, R)``, where ``R = 2**e`` is the smallest power
+    of two above ``amax``. A value's bin is ``floor(|x| * fine_bins / R)``, a product by a power
+    of two and so exact in floating point; when a batch raises ``amax`` past ``R``, ``R``
+    doubles (as often as needed) and bins ``2k`` and ``2k + 1`` merge into bin ``k``, which is
+    exactly where their values fall on the wider grid. The histogram therefore depends only on
+    the values seen, not on their order, their batches or their processes (torch.ao's
+    HistogramObserver also re-bins as its range grows, but approximately). ``histogram()``
+    reads it as ``bins`` bins over ``[0, amax]``, each fine bin's count spread evenly over the
+    part of it below ``amax``: with at least ``OVERSAMPLE / 2`` fine bins per bin, the exact
+    histogram over ``[0, amax]`` up to a fraction of a fine bin's count at each edge
+    (docs/int8.md has what that changes in the thresholds).
 
     State (``state()``/``load_state``) is a dict of float64 tensors: ``amax``, ``count`` (finite
-    values seen in phase 1), ``range_final`` (0 or 1) and, for histogram observers, ``hist``.
+    values seen) and, for histogram observers, ``hist`` (the fine histogram; its grid is
+    implied by ``amax``).
     """
 
     name: ClassVar[str]
@@ -74,47 +98,78 @@ class Observer:
         if self.needs_histogram and (not isinstance(bins, int) or bins < 1):
             raise GraphoptError(f"{self.name} observer: bins must be a positive int, got {bins!r}")
         self.bins = bins if self.needs_histogram else 0
+        self.fine_bins = 1 << (OVERSAMPLE * bins - 1).bit_length() if self.needs_histogram else 0
         self.amax = torch.zeros((), dtype=torch.float64)
         self.count = torch.zeros((), dtype=torch.float64)
-        self.hist = torch.zeros(self.bins, dtype=torch.float64)
-        self.range_final = False
+        self.hist = torch.zeros(self.fine_bins, dtype=torch.float64)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(amax={float(self.amax):.6g}, count={int(self.count)})"
 
-    # -- phase 1 -----------------------------------------------------------------------------
-    def observe_range(self, x: torch.Tensor) -> None:
-        if self.range_final:
-            raise GraphoptError(
-                f"{self.name} observer: observe_range after finalize_range; the range is fixed "
-                "once histograms are being collected (start a new observer to recalibrate)"
-            )
+    # -- streaming ---------------------------------------------------------------------------
+    def observe(self, x: torch.Tensor) -> None:
+        """Add the finite values of ``x`` to the statistics (one batch of the stream)."""
         a = _abs_finite(x)
-        if a.numel():
-            self.amax = torch.maximum(self.amax, a.max().to("cpu", torch.float64))
-            self.count += a.numel()
+        if not a.numel():
+            return
+        amax = torch.maximum(self.amax, a.max().to("cpu", torch.float64))
+        self.widen(amax)
+        self.amax = amax
+        if self.needs_histogram:
+            self.hist += self._counts(a)
+        self.count += a.numel()
 
-    def finalize_range(self) -> None:
-        self.range_final = True
+    def widen(self, amax: torch.Tensor) -> None:
+        """Move the histogram onto the grid of ``amax`` (>= this observer's): merge bins in
+        groups of ``2**d``, ``d`` the number of doublings of the range. Exact."""
+        old, new = float(self.amax), float(amax)
+        if not self.needs_histogram or old == 0.0 or new <= old:
+            return  # with amax 0 every count is in bin 0, which stays bin 0 on any grid
+        d = _exponent(new) - _exponent(old)
+        if d == 0:
+            return
+        merged = torch.zeros_like(self.hist)
+        if d >= self.fine_bins.bit_length() - 1:
+            merged[0] = self.hist.sum()
+        else:
+            groups = self.hist.reshape(self.fine_bins >> d, 1 << d).sum(1)
+            merged[: groups.numel()] = groups
+        self.hist = merged
 
-    # -- phase 2 -----------------------------------------------------------------------------
-    def observe_hist(self, x: torch.Tensor) -> None:
-        if not self.needs_histogram:
-            raise GraphoptError(f"the {self.name} observer keeps no histogram; call observe_range")
-        if not self.range_final:
-            raise GraphoptError(
-                f"{self.name} observer: call finalize_range() (after all-reducing amax across "
-                "processes) before observe_hist, so that every histogram has the same bins"
-            )
-        a = _abs_finite(x)
+    def _counts(self, a: torch.Tensor) -> torch.Tensor:
+        """Counts of ``a`` (finite |x|, all <= amax) on the grid of the current amax."""
         amax = float(self.amax)
         if amax == 0.0:
-            self.hist[0] += a.numel()
-            return
-        # a >= 0, so the cast truncates = floors; values at amax (or, with data that changed
-        # between the phases, above it) go to the last bin.
-        index = (a * (self.bins / amax)).long().clamp_(max=self.bins - 1)
-        self.hist += torch.bincount(index, minlength=self.bins).to("cpu", torch.float64)
+            counts = torch.zeros(self.fine_bins, dtype=torch.float64)
+            counts[0] = a.numel()
+            return counts
+        shift = self.fine_bins.bit_length() - 1 - _exponent(amax)  # fine_bins / R = 2**shift
+        if shift > 100:  # 2**shift overflows float32: scale in float64 (still exact)
+            a = a.double()
+        # exact (a power of two) and < fine_bins, since a <= amax < R; the cast floors
+        index = (a * 2.0**shift).long().clamp_(max=self.fine_bins - 1)
+        return torch.bincount(index, minlength=self.fine_bins).to("cpu", torch.float64)
+
+    def histogram(self) -> torch.Tensor:
+        """The counts of ``|x|`` in ``bins`` equal bins over ``[0, amax]`` (values at amax in the
+        last), read off the fine histogram with each fine bin's count spread evenly over the
+        part of it below ``amax``."""
+        if not self.needs_histogram:
+            raise GraphoptError(f"the {self.name} observer keeps no histogram")
+        amax = float(self.amax)
+        total = self.hist.sum()
+        if amax == 0.0:
+            coarse = torch.zeros(self.bins, dtype=torch.float64)
+            coarse[0] = total
+            return coarse
+        width = 2.0 ** _exponent(amax) / self.fine_bins
+        left = torch.arange(self.bins, dtype=torch.float64) * (amax / self.bins)
+        j = torch.floor(left / width).long().clamp_(0, self.fine_bins - 1)
+        lo = j.double() * width
+        extent = (torch.clamp(lo + width, max=amax) - lo).clamp_min(torch.finfo(torch.float64).tiny)
+        below = torch.cat([self.hist.new_zeros(1), self.hist.cumsum(0)])[j]
+        below = below + self.hist[j] * ((left - lo) / extent).clamp(0.0, 1.0)
+        return torch.cat([below, total.reshape(1)]).diff().clamp_min_(0.0)
 
     # -- result ------------------------------------------------------------------------------
     def threshold(self) -> float:
@@ -122,33 +177,26 @@ class Observer:
         if float(self.count) == 0.0:
             raise GraphoptError(
                 f"{self.name} observer has seen no finite values; feed it calibration data "
-                "with observe_range (and observe_hist) first"
+                "with observe(x) first"
             )
         if not self.needs_histogram:
             return float(self.amax)
-        if not self.range_final or float(self.hist.sum()) == 0.0:
-            raise GraphoptError(
-                f"{self.name} observer has no histogram yet: call finalize_range() and then "
-                "observe_hist(x) on the calibration batches"
-            )
         if float(self.amax) == 0.0:
             return 0.0
-        return float(self._threshold_from_hist(self.hist, float(self.amax)))
+        return float(self.threshold_from_histogram(self.histogram(), float(self.amax)))
 
     def scale(self) -> float:
         """``threshold / 127``, with the threshold floored at ``MIN_THRESHOLD`` (never 0)."""
         return max(self.threshold(), MIN_THRESHOLD) / QMAX
 
-    def _threshold_from_hist(self, hist: torch.Tensor, amax: float) -> float:
+    def threshold_from_histogram(self, hist: torch.Tensor, amax: float) -> float:
+        """This observer's rule applied to ``hist``, the counts of ``|x|`` in ``bins`` equal
+        bins over ``[0, amax]`` (values at ``amax`` in the last)."""
         raise NotImplementedError
 
     # -- state -------------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
-        state = {
-            "amax": self.amax.clone(),
-            "count": self.count.clone(),
-            "range_final": torch.tensor(float(self.range_final), dtype=torch.float64),
-        }
+        state = {"amax": self.amax.clone(), "count": self.count.clone()}
         if self.needs_histogram:
             state["hist"] = self.hist.clone()
         return state
@@ -161,14 +209,19 @@ class Observer:
             )
         hist = torch.as_tensor(state.get("hist", self.hist), dtype=torch.float64)
         if hist.shape != self.hist.shape:
+            bins = hist.numel() // OVERSAMPLE
             raise GraphoptError(
-                f"{self.name} observer state has a histogram of {tuple(hist.shape)} bins; "
-                f"this observer has {self.bins} (make it with bins={hist.numel()})"
+                f"{self.name} observer state has a histogram of {hist.numel()} fine bins; "
+                f"this observer has {self.fine_bins} (make it with bins={bins})"
             )
         self.amax = torch.as_tensor(state["amax"], dtype=torch.float64).detach().cpu().clone()
         self.count = torch.as_tensor(state["count"], dtype=torch.float64).detach().cpu().clone()
-        self.range_final = bool(state["range_final"])
         self.hist = hist.detach().cpu().clone()
+
+
+def _exponent(amax: float) -> int:
+    """``e`` with ``2**(e - 1) <= amax < 2**e`` (amax > 0): the histogram grid is [0, 2**e)."""
+    return math.frexp(amax)[1]
 
 
 class MinMaxObserver(Observer):
@@ -199,7 +252,7 @@ class PercentileObserver(Observer):
         super().__init__(bins)
         self.percentile = float(percentile)
 
-    def _threshold_from_hist(self, hist: torch.Tensor, amax: float) -> float:
+    def threshold_from_histogram(self, hist: torch.Tensor, amax: float) -> float:
         cdf = hist.cumsum(0) / hist.sum()
         k = int(torch.searchsorted(cdf, torch.tensor(self.percentile / 100, dtype=cdf.dtype)))
         return min(k + 1, self.bins) * amax / self.bins
@@ -259,7 +312,7 @@ class MseObserver(Observer):
         self.candidates = candidates
         self.start_bin = min(start_bin, bins)
 
-    def _threshold_from_hist(self, hist: torch.Tensor, amax: float) -> float:
+    def threshold_from_histogram(self, hist: torch.Tensor, amax: float) -> float:
         width = amax / self.bins
         thresholds = torch.linspace(self.start_bin, self.bins, self.candidates, dtype=torch.float64)
         thresholds = thresholds * width
@@ -323,7 +376,7 @@ class EntropyObserver(Observer):
         self.start_bin = min(start_bin, bins)
         self.stride = stride
 
-    def _threshold_from_hist(self, hist: torch.Tensor, amax: float) -> float:
+    def threshold_from_histogram(self, hist: torch.Tensor, amax: float) -> float:
         h = hist.clone()
         if self.bins > 1:
             h[0] = h[1]
@@ -440,7 +493,8 @@ def _all_reduce(values: torch.Tensor, op: Any, group: Any) -> torch.Tensor:
 
 def _check_same_observers(observers: list[Observer], group: Any) -> None:
     """Every process must reduce the same observers: a mismatch would hang or mix up nodes."""
-    layout = torch.tensor([len(observers), sum(o.bins for o in observers)], dtype=torch.float64)
+    bins = sum(o.fine_bins for o in observers)
+    layout = torch.tensor([len(observers), bins], dtype=torch.float64)
     both = _all_reduce(torch.cat([layout, -layout]), dist.ReduceOp.MAX, group)
     if not (torch.equal(both[:2], layout) and torch.equal(-both[2:], layout)):
         raise GraphoptError(
@@ -453,41 +507,42 @@ def _check_same_observers(observers: list[Observer], group: Any) -> None:
 def all_reduce_observers(
     observers: Mapping[str, Observer] | Sequence[Observer], group: Any = None
 ) -> None:
-    """Combine the observers of all processes, in place; call once after each phase.
+    """Combine the observers of all processes, in place; call once, after every process has
+    observed its whole shard.
 
-    After phase 1 (ranges not yet final): ``amax`` is reduced with MAX and ``count`` with SUM, then
-    every observer's range is finalized. After phase 2 (ranges final): histograms are reduced with
-    SUM (exact: counts are integers in float64). Reductions run over ``group`` if given, else over
-    the default group when torch.distributed is initialized with more than one process; otherwise
-    only the ranges are finalized. Tensors are float64 with ReduceOp.MAX/SUM, which gloo supports.
-    Every process must pass the same observers in the same order (checked).
+    ``amax`` is reduced with MAX and ``count`` with SUM; each process then widens its histograms
+    to the grid of the common ``amax`` (``Observer.widen``, exact) and the histograms are
+    reduced with SUM (exact: counts are integers in float64). So the result is bit for bit what
+    one process observing all the shards gets. Reductions run over ``group`` if given, else over
+    the default group when torch.distributed is initialized with more than one process;
+    otherwise there is nothing to combine. Tensors are float64 with ReduceOp.MAX/SUM, which gloo
+    supports. Every process must pass the same observers in the same order (checked).
     """
     obs = list(observers.values()) if isinstance(observers, Mapping) else list(observers)
-    phases = {o.range_final for o in obs}
-    if len(phases) > 1:
-        raise GraphoptError(
-            "all_reduce_observers got observers in different phases (some ranges final, some "
-            "not); reduce each phase of one calibration together"
-        )
-    distributed = _distributed(group)
-    if distributed:
-        _check_same_observers(obs, group)
+    if not _distributed(group):
+        return
+    _check_same_observers(obs, group)
     if not obs:
         return
-    if phases == {False}:
-        if distributed:
-            amax = _all_reduce(torch.stack([o.amax for o in obs]), dist.ReduceOp.MAX, group)
-            count = _all_reduce(torch.stack([o.count for o in obs]), dist.ReduceOp.SUM, group)
-            for o, a, c in zip(obs, amax, count):
-                o.amax, o.count = a.clone(), c.clone()
-        for o in obs:
-            o.finalize_range()
-        return
+    amax = _all_reduce(torch.stack([o.amax for o in obs]), dist.ReduceOp.MAX, group)
+    count = _all_reduce(torch.stack([o.count for o in obs]), dist.ReduceOp.SUM, group)
+    for o, a, c in zip(obs, amax, count):
+        o.widen(a)
+        o.amax, o.count = a.clone(), c.clone()
     with_hist = [o for o in obs if o.needs_histogram]
-    if distributed and with_hist:
+    if with_hist:
         summed = _all_reduce(torch.cat([o.hist for o in with_hist]), dist.ReduceOp.SUM, group)
-        for o, h in zip(with_hist, summed.split([o.bins for o in with_hist])):
+        for o, h in zip(with_hist, summed.split([o.fine_bins for o in with_hist])):
             o.hist = h.clone()
+
+
+def all_reduce_max(values: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """The elementwise MAX of ``values`` over the processes calibrating together (``group``, or
+    the default group of more than one process); ``values`` itself otherwise. Every process
+    must call it with the same shape."""
+    if not _distributed(group):
+        return values
+    return _all_reduce(values, dist.ReduceOp.MAX, group).to(values.device, values.dtype)
 
 
 # -- calibration over a graph ---------------------------------------------------------------------
@@ -496,10 +551,9 @@ def all_reduce_observers(
 class _ObservingRunner(Runner):
     """Runs the graph and feeds the named nodes' values to their observers; records nothing."""
 
-    def __init__(self, gm: GraphModule, observers: Mapping[str, Observer], phase: str) -> None:
+    def __init__(self, gm: GraphModule, observers: Mapping[str, Observer]) -> None:
         super().__init__(gm, record=False)
         self.observers = observers
-        self.phase = phase
 
     def run_node(self, n: Node) -> Any:
         value = super().run_node(n)
@@ -511,10 +565,7 @@ class _ObservingRunner(Runner):
                     f"calibrate: node {n.name} ({n.target}) produces {what}; only floating-point "
                     "tensor values can be calibrated"
                 )
-            if self.phase == "range":
-                observer.observe_range(value)
-            else:
-                observer.observe_hist(value)
+            observer.observe(value)
         return value
 
 
@@ -556,18 +607,14 @@ def calibrate(
     """Run ``gm`` on ``batches`` and return one observer (``make_observer(observer, **options)``)
     per node name, with the statistics of that node's value.
 
-    Each batch is a flat list of the graph's inputs (a lone tensor is taken as a one-input batch).
-    Values are fed to the observers as they are computed and then dropped: nothing else is kept.
-    Phase 1 (ranges) runs over all batches, then ``all_reduce_observers``; histogram observers
-    then run phase 2 over the batches again, then ``all_reduce_observers``. Under
+    ``batches`` is a stream, read once, batch by batch (a list, a generator, a DataLoader): each
+    batch is run, its values fed to the observers as they are computed, and dropped; nothing
+    else is kept, whatever the observer. Each batch is a flat list of the graph's inputs (a lone
+    tensor is taken as a one-input batch). Then ``all_reduce_observers``: under
     torch.distributed (``group``, or an initialized default group of more than one process) each
-    process passes its own shard and all get the same observers; all must pass the same node
-    names in the same order.
-
-    Memory: histogram observers need two passes, so ``batches`` that is not a
-    ``collections.abc.Sequence`` (a generator, a DataLoader) is read into a list first, holding the
-    whole calibration set in memory; pass a list to control that. minmax streams the batches.
-    ``progress=True`` shows a rich progress bar (on rank 0) of batches x phases.
+    process passes its own shard and all get the same observers, bit for bit those of one
+    process on all the shards; all must pass the same node names in the same order.
+    ``progress=True`` shows a rich progress bar (on rank 0) over the batches.
     """
     names = list(dict.fromkeys([node_names] if isinstance(node_names, str) else node_names))
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -581,24 +628,33 @@ def calibrate(
     if not names:
         return {}
     observers = {name: make_observer(observer, **(options or {})) for name in names}
-    needs_histogram = OBSERVERS[observer].needs_histogram
-    if needs_histogram and not isinstance(batches, Sequence):
-        batches = list(batches)
     placeholders = user_placeholders(gm)  # a stateful graph's state inputs come from the graph
-    phases = ("range", "histogram") if needs_histogram else ("range",)
-    total = len(batches) * len(phases) if isinstance(batches, Sequence) else None
+    total = len(batches) if isinstance(batches, Sized) else None
     distributed = _distributed(group)
     rank0 = not distributed or dist.get_rank(group) == 0
+    runner = _ObservingRunner(gm, observers)
+    seen = 0
     with _progress_bar(progress and rank0, total) as advance:
-        for phase in phases:
-            runner = _ObservingRunner(gm, observers, phase)
-            seen = 0
-            for seen, batch in enumerate(batches, start=1):
-                runner.run_graph(_flat_batch(batch, seen - 1, placeholders))
-                advance(f"calibrating ({observer}, {phase})")
-            if seen == 0 and not distributed:  # a process may have an empty shard
-                raise GraphoptError(
-                    "calibrate got no calibration batches; pass at least one batch of inputs"
-                )
-            all_reduce_observers(observers, group)
+        for seen, batch in enumerate(batches, start=1):
+            runner.run_graph(_flat_batch(batch, seen - 1, placeholders))
+            advance(f"calibrating ({observer})")
+    if seen == 0 and not distributed:  # a process may have an empty shard
+        raise GraphoptError(
+            "calibrate got no calibration batches; pass at least one batch of inputs"
+        )
+    all_reduce_observers(observers, group)
     return observers
+
+
+def split_first(batches: Iterable[B] | None, default: B) -> tuple[B, Iterator[B]]:
+    """The first batch of a calibration stream, and an iterator over the whole stream (that
+    first batch again, then the rest as it is read): ``batches`` is read once, and only the
+    first batch is kept. ``default`` stands in for no batches (None or an empty stream)."""
+    stream = iter(batches if batches is not None else ())
+    first = next(stream, _NOTHING)
+    if first is _NOTHING:
+        return default, iter([default])
+    return first, itertools.chain([first], stream)
+
+
+_NOTHING: Any = object()

@@ -1,4 +1,4 @@
-"""Fusion analysis shared by the fusion passes.
+"""Fusion analysis shared by the fusion passes, and their measuring.
 
 * :func:`partition` splits a graph into fusion groups: it merges a node into the group of one of
   its producers when the caller's predicate allows it and the merge creates no cycle, checked on
@@ -7,6 +7,9 @@
   tensor inputs in order, its calls, and as outputs every member whose value escapes the group.
 * :func:`example_like` builds random example tensors from ``meta["val"]`` (symbolic sizes take
   their example value) so a pass can measure a candidate against the unfused ATen graph.
+* Keep only what measures faster (the policy is :func:`graphopt.ops.autotune.why_not_faster`):
+  :func:`why_match_not_faster` judges a rule's match for the rewriter (``rw.apply(rules,
+  keep=why_match_not_faster)``), :func:`why_graph_not_faster` a whole rewritten graph.
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-from graphopt.ir.program import Call, Program, Ref, op_name
+from graphopt.ir.program import Call as ProgramCall
+from graphopt.ir.program import Program, Ref, op_name
+from graphopt.ir.rules import Call, Const, Match
+from graphopt.ir.state import with_state
+from graphopt.ops.autotune import cache_key, why_not_faster
+from graphopt.ops.fused import DIRECT, REFERENCE_ONLY_ON_CPU, executable
 
 
 def _hint(d: Any) -> int:
@@ -76,7 +84,7 @@ def program_of_nodes(nodes: Sequence[Node]) -> tuple[Program, list[Node], list[N
     for n in nodes:
         args = tuple(arg(a) for a in n.args)
         kwargs = tuple((k, arg(v)) for k, v in n.kwargs.items())
-        calls.append(Call(op_name(n.target), args, kwargs))
+        calls.append(ProgramCall(op_name(n.target), args, kwargs))
     outs = escaping(nodes)
     return (
         Program(len(inputs), tuple(calls), tuple(Ref("node", index[n]) for n in outs)),
@@ -149,82 +157,19 @@ def partition(
 
 def no_gain_on(target: Any, device: torch.device) -> str | None:
     """Why a graphopt op cannot beat ATen on ``device`` without measuring, or None."""
-    from graphopt.ops.fused import REFERENCE_ONLY_ON_CPU
-
     if device.type == "cpu" and target in REFERENCE_ONLY_ON_CPU:
         return f"{target} is its ATen reference on the CPU (kernels are CUDA-only): no gain"
     return None
 
 
-# a fusion must win by this fraction: timing noise must not flip a compile's result
-MARGIN = 0.03
-
-
-def measured_faster(
-    key: str,
-    unfused: Callable[[], Any],
-    fused: Callable[[], Any],
-    device: torch.device | str,
-) -> str | None:
-    """None when ``fused`` measures faster than ``unfused`` on ``device`` (cached per key);
-    otherwise the near-miss reason with both times."""
-    from graphopt.ops.autotune import choose, device_name
-
-    _, times = choose(key, {"aten": unfused, "fused": fused}, device)
-    if times["fused"] < times["aten"] * (1 - MARGIN):
-        return None
-    return (
-        f"not faster on {device_name(device)}: fused {times['fused'] * 1e3:.3f} ms vs "
-        f"ATen {times['aten'] * 1e3:.3f} ms"
-    )
-
-
-# -- rule-driven fusion: match, measure, rewrite ---------------------------------------------------
-
-
-class Match:
-    """A rule's proposal: compute ``target(*args, **kwargs)`` in place of ``nodes``.
-
-    ``nodes`` are the matched calls in graph order (the last is the anchor); ``replaces`` lists
-    the members whose values the new call provides, each with the index of its result in a
-    tuple-returning op (None when the op returns one tensor). Every other member must be used
-    only inside the match.
-    """
-
-    def __init__(
-        self,
-        nodes: Sequence[Node],
-        target: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any] | None = None,
-        replaces: Sequence[tuple[Node, int | None]] | None = None,
-    ) -> None:
-        self.nodes = list(nodes)
-        self.target = target
-        self.args = args
-        self.kwargs = kwargs or {}
-        self.replaces = list(replaces) if replaces is not None else [(self.nodes[-1], None)]
-
-
-# a rule looks at its anchor node: None (not this pattern), a near-miss reason, or a Match
-Matcher = Callable[[Node], "Match | str | None"]
-FusionRule = tuple[str, tuple[Any, ...], Matcher]
-
-
-def internal_users_only(match_nodes: Sequence[Node], keep: Sequence[Node]) -> str | None:
-    """Reason a match is illegal because an intermediate escapes; None when it is legal."""
-    members = set(match_nodes)
-    for n in match_nodes:
-        if n in keep:
-            continue
-        outside = [u for u in n.users if u not in members]
-        if outside:
-            return f"intermediate %{n.name} is also used by %{outside[0].name}"
-    return None
-
-
-def _run_match(match: Match, gm: GraphModule) -> tuple[Callable[[], Any], Callable[[], Any], str]:
-    """(unfused, fused) callables on example inputs, and a shape key, for measuring."""
+def why_match_not_faster(rule: str, match: Match) -> str | None:
+    """The fusion passes' judge: None when the match's call, run as the compiled model runs it,
+    measures faster on the target than the ATen calls it replaces (on random inputs of their
+    shapes; once per shape, cached); otherwise the near-miss reason with both times."""
+    assert isinstance(match.value, Call), "only a new call can be measured"
+    device = match.anchor.meta["val"].device
+    if (why := no_gain_on(match.value.target, device)) is not None:
+        return why
     program, inputs, _ = program_of_nodes(match.nodes)
     values = {n: example_like(n.meta.get("val"), seed=i) for i, n in enumerate(inputs)}
     ins = [values[n] for n in inputs]
@@ -234,67 +179,40 @@ def _run_match(match: Match, gm: GraphModule) -> tuple[Callable[[], Any], Callab
             if a not in values:
                 values[a] = example_like(a.meta.get("val"))
             return values[a]
+        if isinstance(a, Call):
+            return a.target(*real(a.args), **real(a.kwargs))
+        if isinstance(a, Const):
+            return a.value
         if isinstance(a, (list, tuple)):
             return type(a)(real(v) for v in a)
+        if isinstance(a, dict):
+            return {k: real(v) for k, v in a.items()}
         return a
 
-    args = real(match.args)
-    kwargs = {k: real(v) for k, v in match.kwargs.items()}
-    from graphopt.ops.fused import DIRECT
+    target = DIRECT.get(match.value.target, match.value.target)  # as the compiled model calls it
+    args, kwargs = real(match.value.args), real(match.value.kwargs)
+    return why_not_faster(
+        cache_key(rule, *ins, program=program.key),
+        lambda: program.run(ins),
+        lambda: target(*args, **kwargs),
+        device,
+    )
 
-    target = DIRECT.get(match.target, match.target)  # as the compiled model will call it
-    from graphopt.ops.autotune import shape_key
 
-    key = f"{program.key} {shape_key(*ins)}"
-    return (lambda: program.run(ins)), (lambda: target(*args, **kwargs)), key
-
-
-def apply_fusion_rules(
-    gm: GraphModule,
-    rules: Sequence[FusionRule],
-    rw: Any,
+def why_graph_not_faster(
+    baseline: GraphModule,
+    candidate: GraphModule,
+    inputs: Sequence[Any],
     *,
-    measure: bool,
-) -> None:
-    """Drive fusion rules over the graph once: match at each anchor, keep only what measures
-    faster than the unfused ATen calls (when ``measure``), rewrite through the rewriter, and
-    record every application and near miss (``rw.applied`` / ``rw.missed``)."""
-    import operator
-
-    table: dict[Any, list[tuple[str, Matcher]]] = {}
-    for name, ops, matcher in rules:
-        for op in ops:
-            table.setdefault(op, []).append((name, matcher))
-    for node in list(gm.graph.nodes):
-        if node._erased or node.op != "call_function" or node.target not in table:
-            continue
-        for name, matcher in table[node.target]:
-            if not rw.allowed():
-                return
-            found = matcher(node)
-            if found is None:
-                continue
-            if isinstance(found, str):
-                rw.missed(name, node, found)
-                continue
-            device = found.nodes[-1].meta["val"].device
-            if measure and (why := no_gain_on(found.target, device)) is not None:
-                rw.missed(name, node, why)
-                continue
-            if measure:
-                unfused, fused, key = _run_match(found, gm)
-                why = measured_faster(f"{name} {key}", unfused, fused, device)
-                if why is not None:
-                    rw.missed(name, node, why)
-                    continue
-            new = rw.call(found.target, found.args, found.kwargs, before=node, sources=found.nodes)
-            values = [
-                new
-                if index is None
-                else rw.call(operator.getitem, (new, index), before=node, sources=[old])
-                for old, index in found.replaces
-            ]
-            for (old, _), value in reversed(list(zip(found.replaces, values))):
-                rw.replace(old, value)
-            rw.applied(name)
-            break
+    names: tuple[str, str] = ("ATen", "fused"),
+    reps: int = 7,
+) -> str | None:
+    """None when ``candidate`` runs ``inputs`` faster than ``baseline`` (both as a compiled model
+    runs them, state included); otherwise the near-miss reason with both times. Measured each
+    time: a whole graph has no cache key."""
+    device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    base, base_in = executable(baseline), with_state(baseline, inputs)
+    new, new_in = executable(candidate), with_state(candidate, inputs)
+    return why_not_faster(
+        None, lambda: base(*base_in), lambda: new(*new_in), device, names=names, reps=reps
+    )

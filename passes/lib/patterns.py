@@ -1,7 +1,7 @@
-"""Matching helpers shared by the pattern-recognition passes (fuse-gelu, fuse-layernorm,
-fuse-softmax, fuse-attention).
+"""The matching helpers the rule tables of the passes share (the rule passes themselves are
+``graphopt.RulePass`` tables of :mod:`graphopt.ir.rules` rules).
 
-Each of those passes walks up from the last op of a decomposed pattern to its producers. The
+The pattern passes walk up from the last op of a decomposed pattern to its producers. The
 helpers here read an operand as a constant, compare shapes structurally (``str(dim)``, so a
 symbolic batch dimension adds no guard), and check that no node inside a pattern is used
 outside it: replacing such a pattern would lose that value, so it is a near miss instead.
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.ir.graph import attr_path, is_pure, tensor_val
+from graphopt.ir.rules import graph_order
 
 aten = torch.ops.aten
 
@@ -28,12 +28,11 @@ SUBS = (aten.sub.Tensor, aten.sub.Scalar)
 POWS = (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor)
 
 
-@dataclass(frozen=True)
-class Miss:
-    """A pattern whose anchor matched but a later condition failed: the rule and the reason."""
-
-    rule: str
-    why: str
+def module_of(node: Node) -> GraphModule:
+    """The module whose graph holds ``node``: where its weights live."""
+    gm = node.graph.owning_module
+    assert gm is not None, f"%{node.name} is in a graph without a module"
+    return gm
 
 
 def is_call(node: Any, targets: Sequence[Any]) -> bool:
@@ -113,13 +112,6 @@ def escaped(anchor: Node, nodes: Sequence[Node]) -> Node | None:
 def _live(node: Node) -> bool:
     """Dead code (a pure call nobody uses, left for dce) does not hold a value back."""
     return bool(node.users) or not is_pure(node)
-
-
-def graph_order(nodes: Sequence[Node]) -> list[Node]:
-    """Unique nodes in graph order: the ``sources`` of a rewrite, for provenance."""
-    unique = list(dict.fromkeys(nodes))
-    position = {n: i for i, n in enumerate(unique[0].graph.nodes)} if unique else {}
-    return sorted(unique, key=position.__getitem__)
 
 
 def constant_value(gm: GraphModule, node: Any, max_nodes: int = 64) -> Any:

@@ -4,59 +4,69 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from graphopt import zoo
 from graphopt.errors import GraphoptError
-from graphopt.tools import bench
+from graphopt.tools.bench.command import parse_ints, resolve_models, resolve_modes
+from graphopt.tools.bench.inputs import input_sets
+from graphopt.tools.bench.measure import bench_model, output_errors
+from graphopt.tools.bench.mode import Runner, Setup
+from graphopt.tools.bench.modes import MODES
+from graphopt.tools.bench.scaling import growth_exponent
+from graphopt.tools.bench.tables import markdown_table
+from graphopt.tools.bench.timing import Settings
 from graphopt.tools.cli import build_parser, main
 
-FAST = bench.Settings(warmup=1, min_reps=3, min_time_s=0.0, rotate=2)
+FAST = Settings(warmup=1, min_reps=3, min_time_s=0.0, rotate=2)
 
 
 def test_parse_lists_and_defaults() -> None:
     zoo_models = ["resnet", "mobilenet", "bert", "gpt", "mlp"]
     external = ["resnet50", "mobilenet_v3", "bert-base", "gpt2", "vit-base"]
-    assert bench.resolve_models(None) == zoo_models + external  # unavailable ones are reported
-    assert bench.resolve_models("mlp, gpt") == ["mlp", "gpt"]
-    assert bench.resolve_modes("graphopt-O1", "cpu") == ["eager", "graphopt-O1"]  # baseline added
-    assert "torch.compile-max-autotune" in bench.resolve_modes(None, "cuda")
-    assert "torch.compile-max-autotune" not in bench.resolve_modes(None, "cpu")
-    assert bench.parse_ints("1,4,16") == [1, 4, 16]
+    # the bench's models are the zoo's, by name; unavailable ones are reported, not dropped
+    assert resolve_models(None) == zoo_models + external == list(zoo.MODELS)
+    assert resolve_models("mlp, gpt") == ["mlp", "gpt"]
+    assert resolve_modes("graphopt-O1", "cpu") == ["eager", "graphopt-O1"]  # baseline added
+    assert "torch.compile-max-autotune" in resolve_modes(None, "cuda")
+    assert "torch.compile-max-autotune" not in resolve_modes(None, "cpu")
+    assert parse_ints("1,4,16") == [1, 4, 16]
     args = build_parser().parse_args(["bench", "--models", "mlp", "--batch", "3", "--depths", ""])
     assert (args.models, args.batch, args.depths, args.device) == ("mlp", 3, "", "cpu")
 
 
 def test_parse_errors_name_the_valid_choices() -> None:
     with pytest.raises(GraphoptError, match="unknown model.*resnet"):
-        bench.resolve_models("resnet,vgg")
+        resolve_models("resnet,vgg")
     with pytest.raises(GraphoptError, match="unknown mode.*graphopt-O1"):
-        bench.resolve_modes("tensorrt", "cpu")
+        resolve_modes("tensorrt", "cpu")
     with pytest.raises(GraphoptError, match="positive integers"):
-        bench.parse_ints("0,2")
+        parse_ints("0,2")
     with pytest.raises(GraphoptError, match="comma-separated integers"):
-        bench.parse_ints("a,b")
+        parse_ints("a,b")
 
 
 def test_error_metrics_against_eager() -> None:
     ref = {"a": torch.tensor([3.0, 4.0]), "b": (torch.tensor([1.0, 0.0]), torch.tensor([7]))}
-    same = bench.output_errors(ref, ref)
+    same = output_errors(ref, ref)
     assert same == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0}
     got = {"a": torch.tensor([3.0, 4.5]), "b": (torch.tensor([0.0, 1.0]), torch.tensor([7]))}
-    errs = bench.output_errors(got, ref)
+    errs = output_errors(got, ref)
     assert errs["max_abs"] == pytest.approx(1.0)  # worst over outputs: |0-1| in "b"
     assert errs["rel_l2"] == pytest.approx(math.sqrt(2))  # ||(-1, 1)|| / ||(1, 0)||
     assert errs["cosine"] == pytest.approx(0.0)  # (0,1) is orthogonal to (1,0)
     with pytest.raises(RuntimeError, match="outputs instead of"):
-        bench.output_errors([torch.ones(2)], [torch.ones(2), torch.ones(2)])
+        output_errors([torch.ones(2)], [torch.ones(2), torch.ones(2)])
 
 
 def test_random_inputs_are_never_zeros_and_keep_id_ranges() -> None:
     ids = torch.tensor([[5, 9, 7], [6, 5, 8]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    sets = bench.input_sets((torch.zeros(2, 3), ids, mask), 3)
+    sets = input_sets((torch.zeros(2, 3), ids, mask), 3)
     for floats, new_ids, new_mask in sets:
         assert floats.abs().sum() > 0
         assert new_ids.min() >= 5 and new_ids.max() <= 9
@@ -65,41 +75,46 @@ def test_random_inputs_are_never_zeros_and_keep_id_ranges() -> None:
 
 
 def test_a_failing_mode_is_reported_with_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(setup: bench.Setup) -> bench.Runner:
+    def broken(setup: Setup) -> Runner:
         raise ValueError("exporter exploded\nsecond line")
 
-    monkeypatch.setitem(bench.MODES, "broken", broken)
-    results = bench.bench_model("mlp", ["eager", "broken", "eager-fp16"], 4, FAST)
+    monkeypatch.setitem(MODES, "broken", broken)
+    results = bench_model("mlp", ["eager", "broken", "eager-fp16"], 4, FAST)
     by_mode = {r.mode: r for r in results}
     assert by_mode["eager"].status == "ok" and by_mode["eager"].latency_ms > 0
     assert by_mode["eager"].speedup == pytest.approx(1.0)
     assert by_mode["broken"].status == "failed"
     assert by_mode["broken"].reason == "ValueError: exporter exploded"
     assert by_mode["eager-fp16"].status == "unavailable" and "GPU" in by_mode["eager-fp16"].reason
-    table = bench.markdown_table(results)
+    table = markdown_table(results)
     assert "failed: ValueError: exporter exploded" in table and "unavailable" in table
 
 
 def test_wrong_output_shape_fails_the_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(bench.MODES, "truncating", lambda s: lambda *a: s.model(*a)[:, :2])
-    results = bench.bench_model("mlp", ["eager", "truncating"], 4, FAST)
+    monkeypatch.setitem(MODES, "truncating", lambda s: lambda *a: s.model(*a)[:, :2])
+    results = bench_model("mlp", ["eager", "truncating"], 4, FAST)
     assert results[1].status == "failed" and "shape" in results[1].reason
 
 
-def test_unavailable_external_model_is_reported() -> None:
-    results = bench.bench_model("resnet50", ["eager"], 1, FAST)
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        assert results[0].status == "unavailable" and "torchvision" in results[0].reason
-    else:
-        assert results[0].status == "ok"
+def test_a_model_whose_package_is_missing_is_reported_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "torchvision.models", None)
+    results = bench_model("resnet50", ["eager", "graphopt-O1"], 1, FAST)
+    assert [(r.mode, r.status) for r in results] == [
+        ("eager", "unavailable"),
+        ("graphopt-O1", "unavailable"),
+    ]
+    assert results[0].reason.startswith("torchvision unavailable (ModuleNotFoundError: ")
+    table = markdown_table(results)  # one row for a model no mode could run
+    assert "| resnet50 | 1 | all modes |" in table and table.count("resnet50") == 1
 
 
 def test_growth_exponent() -> None:
-    assert bench.growth_exponent([1, 2, 4, 8], [3, 6, 12, 24]) == pytest.approx(1.0)
-    assert bench.growth_exponent([1, 2, 4], [1, 4, 16]) == pytest.approx(2.0)
-    assert bench.growth_exponent([1], [1]) is None
+    assert growth_exponent([1, 2, 4, 8], [3, 6, 12, 24]) == pytest.approx(1.0)
+    assert growth_exponent([1, 2, 4], [1, 4, 16]) == pytest.approx(2.0)
+    assert growth_exponent([1], [1]) is None
 
 
 def test_end_to_end_cpu_run_writes_json_table_and_plots(tmp_path: Path) -> None:
@@ -123,3 +138,15 @@ def test_end_to_end_cpu_run_writes_json_table_and_plots(tmp_path: Path) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     page = docs.read_text()
     assert "| mlp | 4 | graphopt-O1 |" in page and "graphopt bench" in page
+
+
+def test_every_option_is_checked_before_anything_is_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench"
+    code = main([
+        "bench", "--models", "mlp", "--modes", "eager", "--out", str(out),
+        "--scaling-batches", "1", "--scaling-models", "mlp", "--scaling-modes", "tensorrt",
+    ])  # fmt: skip
+    assert code == 2 and "unknown mode(s) tensorrt" in capsys.readouterr().out
+    assert not out.exists()  # failed before the main table was measured, not after

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from graphopt.tools import bench
+from graphopt import zoo
+from graphopt.tools.bench.measure import bench_model
+from graphopt.tools.bench.mode import ModeUnavailable, Setup
+from graphopt.tools.bench.modes import MODES, ONNX_MODES
+from graphopt.tools.bench.tables import markdown_table
+from graphopt.tools.bench.timing import Settings
 
-FAST = bench.Settings(warmup=1, min_reps=3, min_time_s=0.0, rotate=2, rounds=1)
+FAST = Settings(warmup=1, min_reps=3, min_time_s=0.0, rotate=2, rounds=1)
 
 
 def test_onnx_modes_run_and_agree_with_eager() -> None:
-    modes = ["eager", *bench.ONNX_MODES]
-    results = {r.mode: r for r in bench.bench_model("mlp", modes, 3, FAST)}
+    modes = ["eager", *ONNX_MODES]
+    results = {r.mode: r for r in bench_model("mlp", modes, 3, FAST)}
     for mode in modes:
         r = results[mode]
         assert r.status == "ok", (mode, r.reason)
@@ -23,12 +28,12 @@ def test_onnx_modes_run_and_agree_with_eager() -> None:
         assert results[mode].max_abs < 1e-4, mode
     # int8: within the int8 pass's default budget
     assert results["onnxruntime-graphopt-O2-int8"].cosine >= 0.99
-    table = bench.markdown_table(list(results.values()))
-    assert all(f"| {mode} |" in table for mode in bench.ONNX_MODES)
+    table = markdown_table(list(results.values()))
+    assert all(f"| {mode} |" in table for mode in ONNX_MODES)
 
 
 def test_onnx_modes_are_cpu_only() -> None:
-    setup = bench.Setup(*bench.build_model("mlp", 2), device="cuda")
-    for mode in bench.ONNX_MODES:
-        with pytest.raises(bench.ModeUnavailable, match="CPU only"):
-            bench.MODES[mode](setup)
+    setup = Setup(*zoo.get("mlp", batch=2), device="cuda")
+    for mode in ONNX_MODES:
+        with pytest.raises(ModeUnavailable, match="CPU only"):
+            MODES[mode](setup)

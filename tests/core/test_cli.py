@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+import graphopt
+from graphopt import zoo
 from graphopt.tools.cli import main
 
 
@@ -67,3 +70,100 @@ def test_compile_prints_why_not_fused(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["compile", "mlp", "--pipeline", pipeline]) == 0
     out = capsys.readouterr().out
     assert "why (not) fused" in out and "linear+act: applied 2" in out
+
+
+# -- --calib: calibration data for int8 -------------------------------------------------------------
+
+INT8 = "-O1,int8{measure=false}"
+
+
+def _calibration(n: int = 4) -> list[torch.Tensor]:
+    """Batches like the zoo MLP's example input, three times as wide (so the scales differ)."""
+    gen = torch.Generator().manual_seed(5)
+    return [3 * torch.randn(16, 128, generator=gen) for _ in range(n)]
+
+
+def test_compile_calibrates_on_the_calib_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The saved model is graphopt.compile's with calibration_data=the same batches, bit for
+    bit, and not the one calibrated on the example inputs."""
+    batches = _calibration()
+    torch.save(batches, tmp_path / "batches.pt")
+    saved = tmp_path / "mlp.graphopt"
+    argv = ["compile", "mlp", "--pipeline", INT8, "--calib", str(tmp_path / "batches.pt")]
+    assert main([*argv, "--save", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "int8: per layer" in out and "lower-int8" in out
+    model, inputs = zoo.mlp()
+    want = graphopt.compile(model, inputs, pipeline=INT8, calibration_data=batches)
+    uncalibrated = graphopt.compile(model, inputs, pipeline=INT8)
+    got = graphopt.load(str(saved))(*inputs)
+    assert torch.equal(got, want(*inputs)) and not torch.equal(got, uncalibrated(*inputs))
+
+
+def test_calib_factory_is_called_for_each_compile(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    src = tmp_path / "calib.py"
+    src.write_text(
+        "import torch\n"
+        "def batches():\n"
+        "    gen = torch.Generator().manual_seed(5)\n"
+        "    for _ in range(4):\n"
+        "        yield 3 * torch.randn(16, 128, generator=gen)\n"
+    )
+    saved = tmp_path / "mlp.graphopt"
+    argv = ["compile", "mlp", "--pipeline", INT8, "--calib", f"{src}:batches"]
+    assert main([*argv, "--save", str(saved)]) == 0
+    model, inputs = zoo.mlp()
+    want = graphopt.compile(model, inputs, pipeline=INT8, calibration_data=_calibration())
+    assert torch.equal(graphopt.load(str(saved))(*inputs), want(*inputs))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "--calib {file}: file not found; save it with torch.save([batch, ...]"),
+        ({"x": torch.ones(2)}, "--calib {file} holds dict, not a list of batches; save it with"),
+        ([], "--calib {file} holds an empty list, not a list of batches"),
+        ([torch.ones(16, 128), "x"], "--calib {file}: batch 1 is a str; each batch is a tensor"),
+        (b"not a pickle", "--calib {file}: cannot read it ("),
+        (
+            [(torch.ones(16, 128), torch.ones(16, 128))],
+            "calibration batch 0 has 2 inputs; the model takes 1",
+        ),  # fmt: skip
+        (
+            [torch.ones(128)],
+            "calibration batch 0: input 0 is a 1-d float32 tensor on cpu, the "
+            "example input is a 2-d float32 tensor on cpu",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_calib_files_are_one_clear_line(
+    content: object, message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    file = tmp_path / "batches.pt"
+    if isinstance(content, bytes):
+        file.write_bytes(content)
+    elif content is not None:
+        torch.save(content, file)
+    assert main(["compile", "mlp", "--pipeline", INT8, "--calib", str(file)]) == 2
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert message.format(file=file) in out, out
+
+
+def test_bad_calib_factories_are_one_clear_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    src = tmp_path / "calib.py"
+    src.write_text("import torch\ndef as_tensor():\n    return torch.ones(16, 128)\n")
+    for spec, message in [
+        (f"{src}:missing", f"{src} has no callable 'missing'; define missing() returning"),
+        (f"{src}:as_tensor", "gave a Tensor, not an iterable of batches"),
+        (f"{tmp_path / 'nofile.py'}:f", "file " + str(tmp_path / "nofile.py") + " not found"),
+        ("batches.npy", "expected a .pt file holding a list of batches, or path/to/file.py:"),
+    ]:
+        assert main(["compile", "mlp", "--pipeline", INT8, "--calib", spec]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert message in out, out

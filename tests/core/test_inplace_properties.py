@@ -35,7 +35,14 @@ from graphopt.pipeline.passes import Pass, PassContext
 CLEANUP_PASSES = ["remove-noops", "fold-constants", "cse", "dce"]
 MAKES = ["clone", "view", "add", "relu", "const", "buffer"]  # each appends a value
 WRITES = ["add_", "fill_col", "mul_slice", "copy_"]  # each writes into an existing value
-PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: the same examples on every run, so CI cannot turn red by the draw; widen the
+# search locally (derandomize=False, a larger max_examples) when changing the passes
+PROPS = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,10 @@ import triton
 
 from graphopt.errors import GraphoptError
 from graphopt.kernels import attention as kattention
+from graphopt.testing import assert_kernel_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {
-    torch.float32: {"rtol": 1e-4, "atol": 1e-5},
-    torch.float16: {"rtol": 1e-2, "atol": 2e-3},
-    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
-}
 
 
 def _reference(
@@ -52,11 +48,6 @@ def _reference(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    assert got.dtype == dtype and got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, **TOL[dtype])
-
-
 def _qkv(
     b: int, h: int, tq: int, tk: int, d: int, dv: int, dtype: torch.dtype, device: str = DEVICE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,7 +66,9 @@ def _seed() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_matches_sdpa(dtype: torch.dtype, causal: bool) -> None:
     q, k, v = _qkv(1, 2, 13, 13, 16, 16, dtype)
-    _close(kattention.attention(q, k, v, causal=causal), _reference(q, k, v, causal=causal), dtype)
+    assert_kernel_close(
+        kattention.attention(q, k, v, causal=causal), _reference(q, k, v, causal=causal), dtype
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -84,9 +77,9 @@ def test_attention_odd_lengths_and_padded_head_dims(dtype: torch.dtype, causal: 
     # Tq != Tk over several 16-blocks; D = 24 and Dv = 40 are padded to 32 and 64.
     q, k, v = _qkv(2, 3, 37, 29, 24, 40, dtype)
     got = kattention.attention(q, k, v, scale=0.3, causal=causal)
-    _close(got, _reference(q, k, v, scale=0.3, causal=causal), dtype)
+    assert_kernel_close(got, _reference(q, k, v, scale=0.3, causal=causal), dtype)
     q2 = q[:, :, :11]  # Tq < Tk: the top-left-aligned causal mask hides most keys
-    _close(
+    assert_kernel_close(
         kattention.attention(q2, k, v, causal=causal), _reference(q2, k, v, causal=causal), dtype
     )
 
@@ -99,7 +92,7 @@ def test_attention_bool_padding_mask(dtype: torch.dtype) -> None:
     keep[1] = False  # batch 1 sees no key at all: SDPA gives 0
     got = kattention.attention(q, k, v, mask=keep)
     assert not got.isnan().any() and (got[1] == 0).all()
-    _close(got, _reference(q, k, v, mask=keep), dtype)
+    assert_kernel_close(got, _reference(q, k, v, mask=keep), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -107,10 +100,10 @@ def test_attention_float_mask_with_causal(dtype: torch.dtype) -> None:
     q, k, v = _qkv(1, 2, 35, 35, 16, 16, dtype)
     bias = torch.randn(35, 35, device=DEVICE)  # [Tq, Tk], fp32 for every dtype
     got = kattention.attention(q, k, v, mask=bias, causal=True)
-    _close(got, _reference(q, k, v, mask=bias, causal=True), dtype)
+    assert_kernel_close(got, _reference(q, k, v, mask=bias, causal=True), dtype)
     keep = torch.rand(1, 2, 35, 1, device=DEVICE) > 0.2  # broadcast over keys: whole rows off
     got = kattention.attention(q, k, v, mask=keep, causal=True)
-    _close(got, _reference(q, k, v, mask=keep, causal=True), dtype)
+    assert_kernel_close(got, _reference(q, k, v, mask=keep, causal=True), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -122,7 +115,7 @@ def test_attention_non_contiguous_inputs(dtype: torch.dtype) -> None:
     mask = torch.randn(2, 1, 19, 23, dtype=dtype, device=DEVICE)
     got = kattention.attention(q, k, v, mask=mask)
     assert got.is_contiguous()
-    _close(got, _reference(q, k, v, mask=mask), dtype)
+    assert_kernel_close(got, _reference(q, k, v, mask=mask), dtype)
 
 
 def test_attention_empty_inputs() -> None:
@@ -188,14 +181,16 @@ def test_autotune_pruning_drops_tiles_that_overflow_shared_memory() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_full_size_on_gpu(dtype: torch.dtype, causal: bool) -> None:
     q, k, v = _qkv(2, 12, 512, 512, 64, 64, dtype, "cuda")
-    _close(kattention.attention(q, k, v, causal=causal), _reference(q, k, v, causal=causal), dtype)
+    assert_kernel_close(
+        kattention.attention(q, k, v, causal=causal), _reference(q, k, v, causal=causal), dtype
+    )
     keep = torch.rand(2, 1, 1, 512, device="cuda") > 0.1
     got = kattention.attention(q, k, v, mask=keep, causal=causal)
-    _close(got, _reference(q, k, v, mask=keep, causal=causal), dtype)
+    assert_kernel_close(got, _reference(q, k, v, mask=keep, causal=causal), dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [16, 32, 80, 128])
 def test_attention_head_dims_on_gpu(d: int) -> None:
     q, k, v = _qkv(2, 4, 333, 277, d, d, torch.float16, "cuda")
-    _close(kattention.attention(q, k, v), _reference(q, k, v), torch.float16)
+    assert_kernel_close(kattention.attention(q, k, v), _reference(q, k, v), torch.float16)

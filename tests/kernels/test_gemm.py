@@ -13,31 +13,17 @@ the bfloat16 tensor-core ``tl.dot`` itself is covered only by the ``gpu`` tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from graphopt.errors import GraphoptError
 from graphopt.kernels import gemm
+from graphopt.kernels.activations import ACTIVATIONS
+from graphopt.testing import assert_kernel_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {
-    torch.float32: {"rtol": 1e-4, "atol": 1e-5},
-    torch.float16: {"rtol": 1e-2, "atol": 2e-3},
-    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
-}
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "none": lambda t: t,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "silu": F.silu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-}
 
 
 def _reference(
@@ -51,13 +37,8 @@ def _reference(
     y = alpha * F.linear(x.double(), w.double())
     if b is not None:
         y = y + b.double()
-    y = ACTIVATIONS[act](y)
+    y = ACTIVATIONS[act].reference(y)
     return y + r.double() if r is not None else y
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    assert got.dtype == dtype and got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, **TOL[dtype])
 
 
 def _operands(
@@ -76,7 +57,7 @@ def _seed() -> None:
 
 
 def test_epilogues_are_the_documented_set() -> None:
-    assert set(gemm.EPILOGUES) == set(ACTIVATIONS)
+    assert gemm.EPILOGUES == ("none", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 
 
 @pytest.mark.parametrize("act", gemm.EPILOGUES)
@@ -84,21 +65,23 @@ def test_epilogues_are_the_documented_set() -> None:
 def test_linear_every_epilogue(dtype: torch.dtype, act: str) -> None:
     x, w, b, r = _operands(19, 23, 37, dtype)
     x = x * 2  # pre-activations around +-3 reach the non-linear parts of every activation
-    _close(gemm.linear(x, w, b, act, r, alpha=0.75), _reference(x, w, b, act, r, 0.75), dtype)
+    assert_kernel_close(
+        gemm.linear(x, w, b, act, r, alpha=0.75), _reference(x, w, b, act, r, 0.75), dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_plain_and_bias_only(dtype: torch.dtype) -> None:
     x, w, b, _ = _operands(19, 23, 37, dtype)
-    _close(gemm.linear(x, w), _reference(x, w), dtype)
-    _close(gemm.linear(x, w, b), _reference(x, w, b), dtype)
+    assert_kernel_close(gemm.linear(x, w), _reference(x, w), dtype)
+    assert_kernel_close(gemm.linear(x, w, b), _reference(x, w, b), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_many_tiles_and_k_steps(dtype: torch.dtype) -> None:
     # 3 x 2 tiles of 32 x 32 in groups of 2 tile-rows (the last group is short), 3 K steps.
     x, w, b, r = _operands(70, 50, 90, dtype)
-    _close(gemm.linear(x, w, b, "relu", r), _reference(x, w, b, "relu", r), dtype)
+    assert_kernel_close(gemm.linear(x, w, b, "relu", r), _reference(x, w, b, "relu", r), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -110,14 +93,16 @@ def test_linear_non_contiguous_operands_and_broadcast_residual(dtype: torch.dtyp
     assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous())
     y = gemm.linear(x, w, b, "silu", r)
     assert y.shape == (3, 11, 23)
-    _close(y, _reference(x, w, b, "silu", r), dtype)
+    assert_kernel_close(y, _reference(x, w, b, "silu", r), dtype)
 
 
 def test_linear_gelu_without_tl_math_erf(monkeypatch: pytest.MonkeyPatch) -> None:
     # The polynomial erf used on a Triton that lacks tl.math.erf (|error| < 1.5e-7).
-    monkeypatch.setattr(gemm, "_HAS_ERF", False)
+    monkeypatch.setattr(gemm, "HAS_ERF", False)
     x, w, b, _ = _operands(19, 23, 37, torch.float32)
-    _close(gemm.linear(x * 2, w, b, "gelu"), _reference(x * 2, w, b, "gelu"), torch.float32)
+    assert_kernel_close(
+        gemm.linear(x * 2, w, b, "gelu"), _reference(x * 2, w, b, "gelu"), torch.float32
+    )
 
 
 # exp(+-200) overflows to inf on purpose (then 1 / inf = 0); numpy warns under the interpreter.
@@ -126,13 +111,15 @@ def test_linear_large_activations_saturate_without_nan() -> None:
     x = torch.full((4, 16), 20.0, device=DEVICE)
     w = torch.cat([torch.eye(16, device=DEVICE), -torch.eye(16, device=DEVICE)]) * 10
     for act in ("gelu_tanh", "silu", "sigmoid", "tanh"):
-        _close(gemm.linear(x, w, None, act), _reference(x, w, None, act), torch.float32)
+        assert_kernel_close(
+            gemm.linear(x, w, None, act), _reference(x, w, None, act), torch.float32
+        )
 
 
 def test_linear_empty_reduction_and_empty_output() -> None:
     b = torch.randn(5, device=DEVICE)
     y = gemm.linear(torch.randn(3, 0, device=DEVICE), torch.randn(5, 0, device=DEVICE), b, "relu")
-    _close(y, F.relu(b.double()).expand(3, 5), torch.float32)
+    assert_kernel_close(y, F.relu(b.double()).expand(3, 5), torch.float32)
     assert gemm.linear(
         torch.randn(0, 4, device=DEVICE), torch.randn(5, 4, device=DEVICE)
     ).shape == (0, 5)
@@ -168,6 +155,6 @@ def test_linear_needs_cuda_tensors_outside_the_interpreter(monkeypatch: pytest.M
 def test_linear_full_size_on_gpu(dtype: torch.dtype) -> None:
     x, w, b, r = _operands(1823, 781, 1024, dtype, "cuda")
     for act in gemm.EPILOGUES:
-        _close(gemm.linear(x, w, b, act, r), _reference(x, w, b, act, r), dtype)
+        assert_kernel_close(gemm.linear(x, w, b, act, r), _reference(x, w, b, act, r), dtype)
     wt = w.t().contiguous().t()
-    _close(gemm.linear(x, wt, b, "gelu"), _reference(x, wt, b, "gelu"), dtype)
+    assert_kernel_close(gemm.linear(x, wt, b, "gelu"), _reference(x, wt, b, "gelu"), dtype)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from graphopt.errors import GraphoptError
 from graphopt.kernels import int8_gemm
+from graphopt.kernels.activations import ACTIVATIONS
+from graphopt.testing import assert_kernel_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -37,13 +39,6 @@ W8A16_TOL = {
     torch.float32: {"rtol": 1e-4, "atol": 1e-4},
     torch.float16: {"rtol": 1e-2, "atol": 2e-3},
     torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
-}
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "none": lambda t: t,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "silu": F.silu,
 }
 INT32 = torch.iinfo(torch.int32)
 
@@ -90,12 +85,7 @@ def _linear_reference(
     y = acc * xs.double().reshape(-1, 1) * ws.double().reshape(1, -1)
     if bias is not None:
         y = y + bias.double()
-    return ACTIVATIONS[act](y)
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, tol: dict) -> None:
-    assert got.dtype == dtype and got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, **tol[dtype])
+    return ACTIVATIONS[act].reference(y)
 
 
 def _assert_requantized(got: torch.Tensor, y64: torch.Tensor, out_scale: float) -> None:
@@ -113,7 +103,7 @@ def _assert_requantized(got: torch.Tensor, y64: torch.Tensor, out_scale: float) 
 
 
 def test_epilogues_are_the_documented_set() -> None:
-    assert set(int8_gemm.INT8_EPILOGUES) == set(ACTIVATIONS)
+    assert int8_gemm.INT8_EPILOGUES == ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 
 @pytest.mark.parametrize(
@@ -163,7 +153,7 @@ def test_int8_linear_every_epilogue(act: str, per_token: bool, out_dtype: torch.
     xs, ws = _scales(19, 23, per_token)
     bias = torch.randn(23, device=DEVICE)
     y = int8_gemm.int8_linear(xq, wq, xs, ws, bias, act, out_dtype)
-    _close(y, _linear_reference(xq, wq, xs, ws, bias, act), out_dtype, TOL)
+    assert_kernel_close(y, _linear_reference(xq, wq, xs, ws, bias, act), out_dtype, TOL)
 
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES)
@@ -171,7 +161,7 @@ def test_int8_linear_without_bias_and_scalar_scales(out_dtype: torch.dtype) -> N
     xq, wq = _codes(70, 37), _codes(50, 37)
     xs, ws = torch.tensor(0.01, device=DEVICE), torch.tensor([0.003], device=DEVICE)  # [] / [1]
     y = int8_gemm.int8_linear(xq, wq, xs, ws, out_dtype=out_dtype)
-    _close(y, _linear_reference(xq, wq, xs, ws, None, "none"), out_dtype, TOL)
+    assert_kernel_close(y, _linear_reference(xq, wq, xs, ws, None, "none"), out_dtype, TOL)
 
 
 def test_int8_linear_leading_dims_strided_weight_and_half_bias() -> None:
@@ -183,7 +173,7 @@ def test_int8_linear_leading_dims_strided_weight_and_half_bias() -> None:
     y = int8_gemm.int8_linear(xq, wq, xs, ws, bias, "gelu_tanh", torch.float32)
     assert y.shape == (2, 5, 23)
     ref = _linear_reference(xq.reshape(10, 37), wq, xs, ws, bias, "gelu_tanh")
-    _close(y, ref.reshape(2, 5, 23), torch.float32, TOL)
+    assert_kernel_close(y, ref.reshape(2, 5, 23), torch.float32, TOL)
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "gelu"])
@@ -213,7 +203,7 @@ def test_int8_linear_empty_reduction_and_empty_output() -> None:
     bias = torch.randn(5, device=DEVICE)
     one = torch.ones(1, device=DEVICE)
     y = int8_gemm.int8_linear(_codes(3, 0), _codes(5, 0), one, one, bias, "relu", torch.float32)
-    _close(y, F.relu(bias.double()).expand(3, 5), torch.float32, TOL)
+    assert_kernel_close(y, F.relu(bias.double()).expand(3, 5), torch.float32, TOL)
     y = int8_gemm.int8_linear(_codes(0, 8), _codes(5, 8), torch.ones(0, device=DEVICE), one)
     assert y.shape == (0, 5) and y.dtype == torch.float16
 
@@ -306,7 +296,7 @@ def _w8a16_reference(x, wq, ws, bias, act):  # type: ignore[no-untyped-def]
     y = x.double() @ w.T
     if bias is not None:
         y = y + bias.double()
-    return ACTIVATIONS[act](y)
+    return ACTIVATIONS[act].reference(y)
 
 
 @pytest.mark.parametrize("dtype", OUT_DTYPES)
@@ -314,14 +304,14 @@ def _w8a16_reference(x, wq, ws, bias, act):  # type: ignore[no-untyped-def]
 def test_w8a16_linear_decode_sizes(m: int, dtype: torch.dtype) -> None:
     x, wq, ws, bias = _w8a16_operands(m, 23, 37, dtype)
     y = int8_gemm.w8a16_linear(x, wq, ws, bias, "gelu")
-    _close(y, _w8a16_reference(x, wq, ws, bias, "gelu"), dtype, W8A16_TOL)
+    assert_kernel_close(y, _w8a16_reference(x, wq, ws, bias, "gelu"), dtype, W8A16_TOL)
 
 
 @pytest.mark.parametrize("act", int8_gemm.INT8_EPILOGUES)
 def test_w8a16_linear_every_epilogue(act: str) -> None:
     x, wq, ws, bias = _w8a16_operands(5, 23, 37, torch.float16)
     y = int8_gemm.w8a16_linear(x * 2, wq, ws, bias, act)
-    _close(y, _w8a16_reference(x * 2, wq, ws, bias, act), torch.float16, W8A16_TOL)
+    assert_kernel_close(y, _w8a16_reference(x * 2, wq, ws, bias, act), torch.float16, W8A16_TOL)
 
 
 @pytest.mark.parametrize("dtype", OUT_DTYPES)
@@ -330,11 +320,11 @@ def test_w8a16_linear_split_k(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, k: int, split: int
 ) -> None:
     # 3 K blocks in 2 or 3 splits; (37, 3): 2 K blocks in 3 splits, the last one empty.
-    monkeypatch.setattr(int8_gemm, "_choose_split_k", lambda *_: split)
+    monkeypatch.setattr(int8_gemm, "choose_split_k", lambda *_: split)
     x, wq, ws, bias = _w8a16_operands(5, 50, k, dtype)
     for act, b in (("silu", bias), ("none", None)):
         y = int8_gemm.w8a16_linear(x, wq, ws, b, act)
-        _close(y, _w8a16_reference(x, wq, ws, b, act), dtype, W8A16_TOL)
+        assert_kernel_close(y, _w8a16_reference(x, wq, ws, b, act), dtype, W8A16_TOL)
 
 
 def test_w8a16_linear_strided_weight_leading_dims_and_scalar_scale() -> None:
@@ -344,13 +334,13 @@ def test_w8a16_linear_strided_weight_leading_dims_and_scalar_scale() -> None:
     bias = torch.randn(23, device=DEVICE)  # fp32 bias on an fp16 input
     y = int8_gemm.w8a16_linear(x, wq, ws, bias, "relu")
     assert y.shape == (2, 3, 23) and y.dtype == torch.float16
-    _close(y, _w8a16_reference(x, wq, ws, bias, "relu"), torch.float16, W8A16_TOL)
+    assert_kernel_close(y, _w8a16_reference(x, wq, ws, bias, "relu"), torch.float16, W8A16_TOL)
 
 
 def test_w8a16_split_k_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     # On a 132-SM H100: split while the N tiles fill at most half the SMs and K stays >= 256.
     monkeypatch.setattr(int8_gemm, "_num_sms", lambda _device: 132)
-    choose = int8_gemm._choose_split_k
+    choose = int8_gemm.choose_split_k
     cuda = torch.device("cuda", 0)
     assert choose(1, 2304, 768, cuda) == 2  # 36 tiles of 64 columns: 72 programs
     assert choose(1, 768, 3072, cuda) == 8  # 12 tiles: 96 programs, 384 of K each
@@ -362,7 +352,7 @@ def test_w8a16_linear_empty_reduction() -> None:
     bias = torch.randn(5, device=DEVICE)
     x = torch.randn(3, 0, device=DEVICE, dtype=torch.float16)
     y = int8_gemm.w8a16_linear(x, _codes(5, 0), torch.ones(5, device=DEVICE), bias, "relu")
-    _close(y, F.relu(bias.double()).expand(3, 5), torch.float16, W8A16_TOL)
+    assert_kernel_close(y, F.relu(bias.double()).expand(3, 5), torch.float16, W8A16_TOL)
 
 
 # --- bad inputs ----------------------------------------------------------------------------
@@ -454,14 +444,14 @@ def test_int8_full_size_on_gpu() -> None:
             ref = _linear_reference(xq, wq, xs, ws, bias, act)
             for out_dtype in OUT_DTYPES:
                 y = int8_gemm.int8_linear(xq, wq, xs, ws, bias, act, out_dtype)
-                _close(y, ref, out_dtype, TOL)
+                assert_kernel_close(y, ref, out_dtype, TOL)
             y8 = int8_gemm.int8_linear(xq, wq, xs, ws, bias, act, out_scale=0.05)
             _assert_requantized(y8, ref, float(torch.tensor(0.05)))
 
 
 @pytest.mark.gpu
 def test_int8_8192_cube_on_gpu() -> None:
-    # Correctness only; the timing is kernels/bench.py's. Checked against torch._int_mm and,
+    # Correctness only; the timing is tools/bench/kernels.py's. Checked against torch._int_mm and,
     # on a slice of rows, against float64.
     xq, wq = _codes(8192, 8192, device="cuda"), _codes(8192, 8192, device="cuda")
     y = int8_gemm.int8_matmul_i32(xq, wq)
@@ -469,7 +459,9 @@ def test_int8_8192_cube_on_gpu() -> None:
     _assert_exact_i32(y[:64], xq[:64], wq)
     xs, ws = _scales(8192, 8192, True, "cuda")
     y16 = int8_gemm.int8_linear(xq[:64], wq, xs[:64] / 15, ws, None, "gelu")
-    _close(y16, _linear_reference(xq[:64], wq, xs[:64] / 15, ws, None, "gelu"), torch.float16, TOL)
+    assert_kernel_close(
+        y16, _linear_reference(xq[:64], wq, xs[:64] / 15, ws, None, "gelu"), torch.float16, TOL
+    )
 
 
 @pytest.mark.gpu
@@ -480,7 +472,7 @@ def test_w8a16_full_size_on_gpu(m: int, dtype: torch.dtype) -> None:
         x, wq, ws, bias = _w8a16_operands(m, n, k, dtype, "cuda")
         for act in ("none", "gelu"):
             y = int8_gemm.w8a16_linear(x, wq, ws, bias, act)
-            _close(y, _w8a16_reference(x, wq, ws, bias, act), dtype, W8A16_TOL)
+            assert_kernel_close(y, _w8a16_reference(x, wq, ws, bias, act), dtype, W8A16_TOL)
 
 
 @pytest.mark.gpu

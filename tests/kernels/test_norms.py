@@ -15,20 +15,11 @@ import torch.nn.functional as F
 
 from graphopt.errors import GraphoptError
 from graphopt.kernels import norms
+from graphopt.testing import assert_kernel_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {
-    torch.float32: {"rtol": 1e-4, "atol": 1e-5},
-    torch.float16: {"rtol": 1e-2, "atol": 2e-3},
-    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
-}
 EPS = 1e-5
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    assert got.dtype == dtype
-    torch.testing.assert_close(got.double(), want.double(), **TOL[dtype])
 
 
 def _reference(
@@ -74,7 +65,7 @@ def test_norm_matches_aten(kind: str, dtype: torch.dtype) -> None:
     x, w, b = _inputs((7, 33), dtype)
     y, s = _run(kind, x, w, b)
     assert s is None and y.shape == x.shape
-    _close(y, _reference(kind, x, w, b), dtype)
+    assert_kernel_close(y, _reference(kind, x, w, b), dtype)
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
@@ -84,8 +75,8 @@ def test_norm_with_residual_returns_the_sum(kind: str, dtype: torch.dtype) -> No
     r = torch.randn_like(x)
     y, s = _run(kind, x, w, b, r)
     assert s is not None and s.shape == x.shape and s.dtype == dtype
-    _close(s, x + r, dtype)
-    _close(y, _reference(kind, x + r, w, b), dtype)
+    assert_kernel_close(s, x + r, dtype)
+    assert_kernel_close(y, _reference(kind, x + r, w, b), dtype)
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
@@ -96,21 +87,21 @@ def test_norm_non_contiguous_inputs(kind: str, dtype: torch.dtype) -> None:
     r = torch.randn(2, 7, 66, dtype=dtype, device=DEVICE)[..., ::2]  # sliced
     assert not x.is_contiguous() and not r.is_contiguous()
     y, s = _run(kind, x, w, b, r)
-    _close(s, x + r, dtype)
-    _close(y, _reference(kind, x + r, w, b), dtype)
+    assert_kernel_close(s, x + r, dtype)
+    assert_kernel_close(y, _reference(kind, x + r, w, b), dtype)
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_norm_without_affine_parameters(kind: str) -> None:
     x, _, _ = _inputs((7, 33), torch.float32)
     y, _ = _run(kind, x, None, None)
-    _close(y, _reference(kind, x, None, None), torch.float32)
+    assert_kernel_close(y, _reference(kind, x, None, None), torch.float32)
 
 
 def test_layer_norm_weight_without_bias_and_mixed_parameter_dtype() -> None:
     x, w, _ = _inputs((7, 33), torch.float16)
     y, _ = norms.layer_norm(x, w.float(), None, EPS)
-    _close(y, _reference("layer", x, w, None), torch.float16)
+    assert_kernel_close(y, _reference("layer", x, w, None), torch.float16)
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
@@ -123,15 +114,15 @@ def test_norm_long_rows_stream_in_chunks(
     x, w, b = _inputs((5, 33), dtype)
     r = torch.randn_like(x)
     y, s = _run(kind, x, w, b, r)
-    _close(s, x + r, dtype)
-    _close(y, _reference(kind, x + r, w, b), dtype)
+    assert_kernel_close(s, x + r, dtype)
+    assert_kernel_close(y, _reference(kind, x + r, w, b), dtype)
 
 
 def test_rms_norm_default_eps_is_the_dtype_epsilon() -> None:
     x, w, _ = _inputs((3, 33), torch.float32)
     y, _ = norms.rms_norm(x, w, None)
     want = F.rms_norm(x.double(), (33,), w.double(), torch.finfo(torch.float32).eps)
-    _close(y, want, torch.float32)
+    assert_kernel_close(y, want, torch.float32)
 
 
 def test_norm_empty_input() -> None:
@@ -171,10 +162,10 @@ def test_norm_full_size_on_gpu(kind: str, dtype: torch.dtype) -> None:
     x, w, b = _inputs((1823, 781), dtype, "cuda")
     r = torch.randn_like(x)
     y, s = _run(kind, x, w, b, r)
-    _close(s, x + r, dtype)
-    _close(y, _reference(kind, x + r, w, b), dtype)
+    assert_kernel_close(s, x + r, dtype)
+    assert_kernel_close(y, _reference(kind, x + r, w, b), dtype)
     y, _ = _run(kind, x.t().contiguous().t(), w, b)  # column-major rows
-    _close(y, _reference(kind, x, w, b), dtype)
+    assert_kernel_close(y, _reference(kind, x, w, b), dtype)
 
 
 @pytest.mark.gpu
@@ -183,5 +174,5 @@ def test_norm_long_rows_on_gpu(kind: str) -> None:
     x, w, b = _inputs((37, 20011), torch.float16, "cuda")  # > MAX_FUSED_N: streamed
     r = torch.randn_like(x)
     y, s = _run(kind, x, w, b, r)
-    _close(s, x + r, torch.float16)
-    _close(y, _reference(kind, x + r, w, b), torch.float16)
+    assert_kernel_close(s, x + r, torch.float16)
+    assert_kernel_close(y, _reference(kind, x + r, w, b), torch.float16)

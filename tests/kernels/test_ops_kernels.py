@@ -1,6 +1,7 @@
 """Each graphopt op's Triton kernel against the op's own ATen reference, through the same
 ``Impl`` table the CUDA implementation dispatches with (Triton's interpreter on the CPU here;
-the GPU there). This checks the plumbing between graphopt/ops/fused.py and kernels/."""
+the GPU there). This checks the plumbing between the ops (graphopt/ops/fused.py, int8.py,
+registered through graphopt/ops/registry.py) and kernels/."""
 
 from __future__ import annotations
 
@@ -89,7 +90,14 @@ def test_kernel_matches_reference(dtype: torch.dtype) -> None:
 
 def test_every_op_has_a_case() -> None:
     covered = {name for name, _ in _cases(torch.float32)}
-    no_kernel = {"conv", "dequantize_per_tensor", "dequantize_per_channel"}  # ATen everywhere
+    no_kernel = {name for name, impl in IMPLS.items() if impl.kernel is None}
+    # ATen everywhere, or (sparse24_linear) a CUDA implementation of the op's own
+    assert no_kernel == {
+        "conv",
+        "dequantize_per_tensor",
+        "dequantize_per_channel",
+        "sparse24_linear",
+    }
     assert covered == set(IMPLS) - no_kernel
     assert all(IMPLS[name].why_not() is not None for name in no_kernel)
 

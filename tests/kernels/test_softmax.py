@@ -12,14 +12,10 @@ import torch
 
 from graphopt.errors import GraphoptError
 from graphopt.kernels import softmax as ksoftmax
+from graphopt.testing import assert_kernel_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {
-    torch.float32: {"rtol": 1e-4, "atol": 1e-5},
-    torch.float16: {"rtol": 1e-2, "atol": 2e-3},
-    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
-}
 # A fully masked row is NaN (as in torch); numpy warns about -inf - -inf under the interpreter.
 IGNORE_NAN_WARNING = pytest.mark.filterwarnings("ignore:invalid value encountered")
 
@@ -33,13 +29,6 @@ def _reference(
     return torch.softmax(z, dim)
 
 
-def _close(
-    got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, equal_nan: bool = False
-) -> None:
-    assert got.dtype == dtype and got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, equal_nan=equal_nan, **TOL[dtype])
-
-
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
@@ -48,8 +37,8 @@ def _seed() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_matches_aten(dtype: torch.dtype) -> None:
     x = torch.randn(7, 33, dtype=dtype, device=DEVICE) * 4
-    _close(ksoftmax.softmax(x), _reference(x), dtype)
-    _close(ksoftmax.softmax(x, scale=0.125), _reference(x, scale=0.125), dtype)
+    assert_kernel_close(ksoftmax.softmax(x), _reference(x), dtype)
+    assert_kernel_close(ksoftmax.softmax(x, scale=0.125), _reference(x, scale=0.125), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -57,7 +46,9 @@ def test_softmax_bool_padding_mask_is_broadcast(dtype: torch.dtype) -> None:
     x = torch.randn(2, 3, 5, 33, dtype=dtype, device=DEVICE)
     keep = torch.rand(2, 1, 1, 33, device=DEVICE) > 0.3  # [B, 1, 1, T]
     keep[..., 0] = True
-    _close(ksoftmax.softmax(x, scale=0.5, mask=keep), _reference(x, -1, 0.5, keep), dtype)
+    assert_kernel_close(
+        ksoftmax.softmax(x, scale=0.5, mask=keep), _reference(x, -1, 0.5, keep), dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -65,26 +56,26 @@ def test_softmax_float_mask_is_broadcast(dtype: torch.dtype) -> None:
     x = torch.randn(2, 3, 5, 33, dtype=dtype, device=DEVICE)
     add = torch.randn(5, 33, device=DEVICE)  # [T, T]-style, fp32 whatever x's dtype
     add[1, 7:] = float("-inf")
-    _close(ksoftmax.softmax(x, mask=add), _reference(x, mask=add), dtype)
+    assert_kernel_close(ksoftmax.softmax(x, mask=add), _reference(x, mask=add), dtype)
     half = add.to(dtype)
-    _close(ksoftmax.softmax(x, mask=half), _reference(x, mask=half), dtype)
+    assert_kernel_close(ksoftmax.softmax(x, mask=half), _reference(x, mask=half), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_non_contiguous_and_other_dims(dtype: torch.dtype) -> None:
     x = torch.randn(33, 3, 7, dtype=dtype, device=DEVICE).transpose(0, 2)  # [7, 3, 33]
     assert not x.is_contiguous()
-    _close(ksoftmax.softmax(x), _reference(x), dtype)
-    _close(ksoftmax.softmax(x, dim=0), _reference(x, dim=0), dtype)
+    assert_kernel_close(ksoftmax.softmax(x), _reference(x), dtype)
+    assert_kernel_close(ksoftmax.softmax(x, dim=0), _reference(x, dim=0), dtype)
     sliced = torch.randn(7, 70, dtype=dtype, device=DEVICE)[:, 1::2]
-    _close(ksoftmax.softmax(sliced), _reference(sliced), dtype)
+    assert_kernel_close(ksoftmax.softmax(sliced), _reference(sliced), dtype)
 
 
 def test_softmax_many_leading_dims_with_mask() -> None:
     # Five leading dims that do not merge: the kernel falls back to contiguous copies.
     x = torch.randn(2, 3, 4, 5, 6, 9, device=DEVICE).transpose(0, 3)
     add = torch.randn(5, 1, 4, 1, 1, 9, device=DEVICE)
-    _close(ksoftmax.softmax(x, mask=add), _reference(x, mask=add), torch.float32)
+    assert_kernel_close(ksoftmax.softmax(x, mask=add), _reference(x, mask=add), torch.float32)
 
 
 @IGNORE_NAN_WARNING
@@ -100,8 +91,8 @@ def test_softmax_long_rows_use_online_softmax(
     keep[1, :20] = False
     keep[2] = False
     want = _reference(x, scale=0.7, mask=keep)
-    _close(ksoftmax.softmax(x, scale=0.7, mask=keep), want, dtype, equal_nan=True)
-    _close(ksoftmax.softmax(x), _reference(x), dtype)
+    assert_kernel_close(ksoftmax.softmax(x, scale=0.7, mask=keep), want, dtype, equal_nan=True)
+    assert_kernel_close(ksoftmax.softmax(x), _reference(x), dtype)
 
 
 @IGNORE_NAN_WARNING
@@ -111,7 +102,7 @@ def test_softmax_fully_masked_row_is_nan_like_torch() -> None:
     add[2] = float("-inf")
     y = ksoftmax.softmax(x, mask=add)
     assert y[2].isnan().all() and not y[[0, 1, 3]].isnan().any()
-    _close(y, _reference(x, mask=add), torch.float32, equal_nan=True)
+    assert_kernel_close(y, _reference(x, mask=add), torch.float32, equal_nan=True)
 
 
 def test_softmax_empty_input() -> None:
@@ -151,15 +142,15 @@ def test_softmax_needs_cuda_tensors_outside_the_interpreter(
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_full_size_on_gpu(dtype: torch.dtype) -> None:
     x = torch.randn(1823, 781, dtype=dtype, device="cuda") * 4
-    _close(ksoftmax.softmax(x, scale=0.3), _reference(x, scale=0.3), dtype)
+    assert_kernel_close(ksoftmax.softmax(x, scale=0.3), _reference(x, scale=0.3), dtype)
     keep = torch.rand(1, 781, device="cuda") > 0.5
-    _close(ksoftmax.softmax(x, mask=keep), _reference(x, mask=keep), dtype)
+    assert_kernel_close(ksoftmax.softmax(x, mask=keep), _reference(x, mask=keep), dtype)
     scores = torch.randn(4, 12, 128, 128, dtype=dtype, device="cuda")
     causal = torch.ones(128, 128, dtype=torch.bool, device="cuda").tril()
-    _close(
+    assert_kernel_close(
         ksoftmax.softmax(scores, scale=0.125, mask=causal),
         _reference(scores, -1, 0.125, causal),
         dtype,
     )
     long = torch.randn(37, 50021, dtype=dtype, device="cuda")  # > MAX_FUSED_N: online softmax
-    _close(ksoftmax.softmax(long), _reference(long), dtype)
+    assert_kernel_close(ksoftmax.softmax(long), _reference(long), dtype)

@@ -9,16 +9,9 @@ from torch import nn
 
 from graphopt.frontends.exported import normalize
 from graphopt.pipeline.manager import PassManager
-from graphopt.testing import PassRun, assert_golden, run_pipeline
+from graphopt.testing import PassRun, assert_exact, assert_golden, run_pipeline
 
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def _assert_exact(run) -> None:  # type: ignore[no-untyped-def]
-    before, after = run.outputs()
-    assert len(before) == len(after)
-    for a, b in zip(before, after):
-        assert torch.equal(a, b)
 
 
 class DeadCode(nn.Module):
@@ -38,7 +31,7 @@ def test_dce_golden_count_exact() -> None:
     assert run.rewrites == 3
     assert run.report.records[0].stats == {"erased": 3}
     assert not hasattr(run.after, "unused")  # the module attribute went with its node
-    _assert_exact(run)
+    assert_exact(run)
 
 
 class Duplicates(nn.Module):
@@ -53,7 +46,7 @@ def test_cse_golden_count_exact() -> None:
     run = run_pipeline(Duplicates(), (torch.randn(4, 5),), "cse")
     assert_golden(GOLDEN / "cse.txt", run.after)
     assert run.rewrites == 4  # tanh x3, mul x1
-    _assert_exact(run)
+    assert_exact(run)
 
 
 class CseTwoOutputs(nn.Module):
@@ -81,7 +74,7 @@ def test_fold_constants_golden_count_exact() -> None:
     assert_golden(GOLDEN / "fold_constants.txt", run.after)
     folds = run.report.records[0]
     assert folds.rewrites == 1 and folds.stats == {"folded": 1}
-    _assert_exact(run)
+    assert_exact(run)
     const = [n for n in run.after.graph.nodes if n.op == "get_attr"]
     assert [n.meta["graphopt"]["pass"] for n in const] == ["fold-constants"]
 
@@ -109,7 +102,7 @@ def test_remove_noops_golden_count_exact() -> None:
     targets = {str(n.target) for n in run.after.graph.nodes if n.op == "call_function"}
     assert "aten.dropout.default" not in targets and "aten.detach.default" not in targets
     assert run.rewrites == 5
-    _assert_exact(run)
+    assert_exact(run)
 
 
 class TrainDropout(nn.Module):
@@ -128,7 +121,7 @@ def test_cleanup_group_reaches_fixed_point() -> None:
     assert names == ["cleanup:remove-noops", "cleanup:fold-constants", "cleanup:cse", "cleanup:dce"]
     again = run_pipeline(Noops(), (torch.randn(4, 5),), "cleanup,cleanup")
     assert sum(r.rewrites for r in again.report.records[4:]) == 0
-    _assert_exact(run)
+    assert_exact(run)
 
 
 # -- no new aliasing (passes/README.md invariant 5) ------------------------------------------------
@@ -193,7 +186,7 @@ def _inplace_run(model: nn.Module, x: torch.Tensor, pipeline: str) -> PassRun:
 
 def _assert_exact_and_input_kept(run: PassRun, x: torch.Tensor) -> None:
     kept = x.clone()
-    _assert_exact(run)
+    assert_exact(run)
     assert torch.equal(x, kept), "a run wrote into the caller's input"
 
 

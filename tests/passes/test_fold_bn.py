@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from graphopt.testing import assert_golden, run_pipeline
-from graphopt.verification import metrics
+from graphopt.testing import assert_golden, assert_rounding, run_pipeline
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -25,14 +24,6 @@ def _stats(bn: nn.Module) -> nn.Module:
                 m.weight.data.copy_(torch.randn(n, generator=g))
                 m.bias.data.copy_(torch.randn(n, generator=g))
     return bn.eval()
-
-
-def _assert_rounding(run) -> None:  # type: ignore[no-untyped-def]
-    """Within the contract: at most max(2 x the captured graph's error, the fp32 floor)."""
-    before, after = run.outputs()
-    for b, a, r in zip(before, after, run.reference()):
-        allowed = max(2 * metrics.rel_max(b, r), metrics.rounding_floor(torch.float32))
-        assert metrics.rel_max(a, r) <= allowed
 
 
 class ConvBn(nn.Module):
@@ -53,7 +44,7 @@ def test_conv2d_bn_golden(bias: bool) -> None:
     run = run_pipeline(model, (torch.randn(2, 3, 7, 9),), "fold-bn")
     assert_golden(GOLDEN / f"fold_bn_conv2d_{'bias' if bias else 'no_bias'}.txt", run.after)
     assert run.rewrites == 1
-    _assert_rounding(run)
+    assert_rounding(run)
     # the model's own weights are untouched
     assert model.conv.weight.shape == (6, 3, 3, 3) and model.bn.running_var.min() > 0.09
 
@@ -64,7 +55,7 @@ def test_conv1d_conv3d_bn(dims: int) -> None:
     run = run_pipeline(_stats(ConvBn(True, dims)), (torch.randn(*shape),), "fold-bn")
     assert run.rewrites == 1
     assert not [n for n in run.after.graph.nodes if "batch_norm" in str(n.target)]
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 class LinearBn(nn.Module):
@@ -83,7 +74,7 @@ def test_linear_bn_golden() -> None:
     run = run_pipeline(_stats(LinearBn()), (torch.randn(3, 5),), "fold-bn")
     assert_golden(GOLDEN / "fold_bn_linear.txt", run.after)
     assert run.rewrites == 2
-    _assert_rounding(run)
+    assert_rounding(run)
     info = [n.meta["graphopt"] for n in run.after.graph.nodes if n.op == "call_function"]
     assert info[0] == {
         "pass": "fold-bn",
@@ -128,7 +119,7 @@ def test_native_batch_norm_no_training_form() -> None:
     run = run_pipeline(_stats(NoTrainingBn()), (torch.randn(2, 3, 6, 6),), "fold-bn,dce")
     assert run.report.records[0].rewrites == 1
     assert not [n for n in run.after.graph.nodes if "batch_norm" in str(n.target)]
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 def test_resnet_zoo_folds_every_bn() -> None:
@@ -138,4 +129,4 @@ def test_resnet_zoo_folds_every_bn() -> None:
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     run = run_pipeline(model, inputs, "fold-bn")
     assert run.rewrites == n_bn
-    _assert_rounding(run)
+    assert_rounding(run)

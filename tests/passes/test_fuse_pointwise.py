@@ -10,18 +10,10 @@ from torch import nn
 
 from graphopt.ops.fused import program_of
 from graphopt.passes.lib.fusion import example_like, merge_makes_cycle, node_dag, partition
-from graphopt.testing import assert_golden, run_pipeline
-from graphopt.verification import metrics
+from graphopt.testing import assert_golden, assert_rounding, run_pipeline
 
 GOLDEN = Path(__file__).parent / "golden"
 PASS = "fuse-pointwise{measure=false}"
-
-
-def _assert_rounding(run) -> None:  # type: ignore[no-untyped-def]
-    before, after = run.outputs()
-    for b, a, r in zip(before, after, run.reference()):
-        allowed = max(2 * metrics.rel_max(b, r), metrics.rounding_floor(torch.float32))
-        assert metrics.rel_max(a, r) <= allowed
 
 
 class Chains(nn.Module):
@@ -52,7 +44,7 @@ def test_golden_and_counts() -> None:
     fused = [n for n in run.after.graph.nodes if n.target == torch.ops.graphopt.fused.default]
     assert len(fused) == 2
     assert [len(program_of(n.args[1]).calls) for n in fused] == [4, 9]
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 def test_generated_kernels_match_their_reference() -> None:

@@ -17,17 +17,9 @@ from torch.nn import functional as F
 
 import graphopt
 from graphopt import zoo
-from graphopt.testing import assert_golden, run_pipeline
-from graphopt.verification import metrics
+from graphopt.testing import assert_golden, assert_rounding, run_pipeline
 
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def _assert_rounding(run) -> None:  # type: ignore[no-untyped-def]
-    before, after = run.outputs()
-    for b, a, r in zip(before, after, run.reference()):
-        allowed = max(2 * metrics.rel_max(b, r), metrics.rounding_floor(torch.float32))
-        assert metrics.rel_max(a, r) <= allowed
 
 
 class ConvBlock(nn.Module):
@@ -60,7 +52,7 @@ def test_epilogue_conv_golden() -> None:
     assert_golden(GOLDEN / "fuse_epilogue_conv.txt", run.after)
     rules = run.report.records[0].rules
     assert (rules["conv+act"].applied, rules["conv+residual"].applied) == (2, 1)
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 def test_epilogue_linear_golden_and_near_miss() -> None:
@@ -72,7 +64,7 @@ def test_epilogue_linear_golden_and_near_miss() -> None:
     node, why = rules["linear+act"].misses[0]
     assert node == "sigmoid" and "also used by" in why
     assert "linear+act: applied 1, near misses 1" in run.report.to_text()
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 class NormBlock(nn.Module):
@@ -98,7 +90,7 @@ def test_kernels_golden() -> None:
     rules = run.report.records[0].rules
     applied = {name: log.applied for name, log in rules.items()}
     assert applied == {"add+norm": 1, "norm": 1, "softmax": 1, "attention": 1}
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 def test_measured_fusion_is_kept_only_when_faster(monkeypatch: pytest.MonkeyPatch) -> None:

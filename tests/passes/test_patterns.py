@@ -18,20 +18,11 @@ from torch.nn import functional as F
 from graphopt import zoo
 from graphopt.frontends.capture import capture
 from graphopt.pipeline.manager import PassManager
-from graphopt.testing import PassRun, assert_golden, run_pipeline
-from graphopt.verification import metrics
+from graphopt.testing import PassRun, assert_golden, assert_rounding, run_pipeline
 
 GOLDEN = Path(__file__).parent / "golden"
 SQRT2 = math.sqrt(2.0)
 K_TANH = math.sqrt(2.0 / math.pi)
-
-
-def _assert_rounding(run: PassRun) -> None:
-    """Within the contract: at most max(2 x the captured graph's error, the fp32 floor)."""
-    before, after = run.outputs()
-    for b, a, r in zip(before, after, run.reference()):
-        allowed = max(2 * metrics.rel_max(b, r), metrics.rounding_floor(torch.float32))
-        assert metrics.rel_max(a, r) <= allowed
 
 
 def _calls(run: PassRun) -> list[Any]:
@@ -101,7 +92,7 @@ def test_gelu_erf_forms(form: str) -> None:
     assert run.rewrites == 1
     assert _targets(run) == ["aten.gelu.default"] and _calls(run)[0].kwargs == {}
     assert not [n for n in run.after.graph.nodes if n.op == "get_attr"]  # constants went too
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 @pytest.mark.parametrize("form", list(GELU_TANH))
@@ -114,7 +105,7 @@ def test_gelu_tanh_forms(form: str) -> None:
     assert _targets(run) == ["aten.gelu.default"]
     assert _calls(run)[0].kwargs == {"approximate": "tanh"}
     assert not [n for n in run.after.graph.nodes if n.op == "get_attr"]
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 def test_gelu_count_geglu_keeps_the_gate() -> None:
@@ -127,7 +118,7 @@ def test_gelu_count_geglu_keeps_the_gate() -> None:
     assert run.rewrites == 2
     assert _targets(run).count("aten.gelu.default") == 2
     assert "aten.erf.default" not in _targets(run) and "aten.tanh.default" not in _targets(run)
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 def test_gelu_near_misses() -> None:
@@ -221,7 +212,7 @@ def test_layernorm_forms(form: str) -> None:
     assert run.rewrites == 1
     assert ln.target == torch.ops.aten.layer_norm.default and ln.args[1] == [16]
     assert (ln.args[2] is not None, ln.args[3] is not None) == (weight, bias)
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 RMSNORMS = {
@@ -239,7 +230,7 @@ def test_rmsnorm_forms(form: str) -> None:
     (rms,) = _calls(run)
     assert rms.target == torch.ops.aten.rms_norm.default and rms.args[3] == 1e-6
     assert (rms.args[2] is not None) == (form == "llama")
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 def test_layernorm_count_keeps_residual_and_gate() -> None:
@@ -252,7 +243,7 @@ def test_layernorm_count_keeps_residual_and_gate() -> None:
     targets = _targets(run)
     assert targets.count("aten.layer_norm.default") == targets.count("aten.rms_norm.default") == 1
     assert "aten.add.Tensor" in targets and "aten.mul.Tensor" in targets
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 def test_layernorm_near_misses() -> None:
@@ -312,7 +303,7 @@ def test_softmax_forms(form: str) -> None:
         assert_golden(GOLDEN / "patterns_softmax.txt", run.after)
     assert run.report.records[0].rewrites == 1
     assert [(n.target, n.args[1]) for n in _calls(run)] == [(torch.ops.aten.softmax.int, dim)]
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 def test_softmax_near_miss_exp_escapes() -> None:
@@ -396,7 +387,7 @@ def test_attention_forms(form: str) -> None:
     kwargs = {k: getattr(v, "name", v) for k, v in sdpa.kwargs.items()}
     assert kwargs == {**masks, "scale": 0.25}
     assert not {"aten.softmax.int", "aten.dropout.default"} & set(_targets(run))
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 def test_attention_3d_bmm_after_fuse_softmax() -> None:
@@ -409,7 +400,7 @@ def test_attention_3d_bmm_after_fuse_softmax() -> None:
     run = run_pipeline(Fn(attend), (q, k, v), "patterns")
     assert run.rewrites == 2  # the softmax, then the attention
     assert _targets(run) == ["aten.scaled_dot_product_attention.default"]
-    _assert_rounding(run)
+    assert_rounding(run)
 
 
 @pytest.mark.parametrize(
@@ -453,7 +444,7 @@ def test_zoo_attention_blocks_fused(name: str, pipeline: str) -> None:
         assert all(set(n.kwargs) == {"attn_mask", "scale"} for n in sdpa)
     assert "aten.softmax.int" not in _targets(run)  # nor the dropout after it
     if pipeline == "fuse-attention":
-        _assert_rounding(run)
+        assert_rounding(run)
 
 
 # -- the patterns group ---------------------------------------------------------------------------

@@ -16,8 +16,7 @@ from graphopt import Contract, PipelineError, zoo
 from graphopt.frontends.capture import capture
 from graphopt.ir.graph import format_graph, propagate_meta, tensor_val
 from graphopt.pipeline.parse import parse_pipeline
-from graphopt.testing import PassRun, assert_golden, run_pipeline
-from graphopt.verification import metrics
+from graphopt.testing import PassRun, assert_golden, assert_rounding, run_pipeline
 from graphopt.verification.interpreter import native_run
 from graphopt.verification.verify import Verifier
 
@@ -49,14 +48,6 @@ def _x() -> torch.Tensor:
 
 def _casts(run: PassRun) -> list[torch.dtype]:
     return [n.kwargs["dtype"] for n in run.after.graph.nodes if n.target == aten._to_copy.default]
-
-
-def _assert_contract(run: PassRun, half: torch.dtype) -> None:
-    """Error against float64 <= max(2 x the fp32 graph's error, the floor of the half dtype)."""
-    before, after = run.outputs()
-    for b, a, r in zip(before, after, run.reference()):
-        allowed = max(2 * metrics.rel_max(b, r), metrics.rounding_floor(half))
-        assert metrics.rel_max(a, r) <= allowed
 
 
 def _assert_interface_kept(run: PassRun) -> None:
@@ -101,7 +92,7 @@ def test_block_golden(dtype: str) -> None:
         "half_weights": 4,
     }
     assert str(run.report.records[0].contract) == f"rounding({half})".replace("torch.", "")
-    _assert_contract(run, half)
+    assert_rounding(run, half)
     _assert_interface_kept(run)
     _assert_meta_matches_run(run)
     # the model's own weights are untouched and stay fp32
@@ -151,7 +142,7 @@ def test_dtype_arguments_int_values_and_fp32_consumers() -> None:
     ]
     before, after = run.outputs()
     assert torch.equal(after[2], before[2])  # the integer path is untouched
-    _assert_contract(run, torch.bfloat16)
+    assert_rounding(run, torch.bfloat16)
     _assert_interface_kept(run)
     _assert_meta_matches_run(run)
 
@@ -166,7 +157,7 @@ def test_keep_fp32_option_and_near_misses() -> None:
     gelu = next(n for n in only_gelu.after.graph.nodes if n.target == aten.gelu.default)
     assert tensor_val(gelu).dtype == torch.float32
     assert only_gelu.rewrites == 2
-    _assert_contract(only_gelu, torch.float16)
+    assert_rounding(only_gelu, torch.float16)
 
 
 def test_budget_stops_between_rewrites_with_a_well_typed_graph() -> None:
@@ -177,7 +168,7 @@ def test_budget_stops_between_rewrites_with_a_well_typed_graph() -> None:
     assert [tensor_val(n).dtype for n in run.after.graph.nodes if n.op == "call_function"][
         -1
     ] == torch.float32
-    _assert_contract(run, torch.float16)
+    assert_rounding(run, torch.float16)
     _assert_meta_matches_run(run)
 
 

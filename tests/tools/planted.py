@@ -7,7 +7,7 @@ else, so ``graphopt debug bisect`` must name that pass, that rewrite and that no
   the kernel works in blocks of ``BLOCK`` along the last dim and forgets the ReLU on a partial
   last block (a missing tail mask), so only shapes whose last dim is not a multiple of ``BLOCK``
   come out wrong.
-* ``int8-planted{wrong_layer=k}``: a wrong quantization scale. ``int8`` measures every layer with
+* ``int8-planted{wrong_layer=k}``: a wrong quantization scale. ``int8`` plans every layer with
   its calibrated activation scale, then rewrites the k-th layer with a scale ten times too small
   (its activations clip).
 
@@ -21,7 +21,9 @@ registers the passes and the ``planted::`` op), so it must stay importable from 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
@@ -29,7 +31,8 @@ from torch.fx import GraphModule, Node
 import graphopt
 from graphopt import Contract, Pass, PassResult
 from graphopt.ir.rewriter import Rewriter, apply_rules
-from graphopt.passes.int8 import Int8, Layer
+from graphopt.passes.int8 import Int8
+from graphopt.passes.lib.int8_plan import Layer
 from graphopt.pipeline.passes import PassContext
 
 aten = torch.ops.aten
@@ -155,9 +158,15 @@ class Int8Planted(Int8):
     name = "int8-planted"
     wrong_layer: int = 2
 
-    def _choose(self, gm: GraphModule, layers: list[Layer], batch: list) -> list[Layer]:  # type: ignore[type-arg]
-        chosen = super()._choose(gm, layers, batch)
-        # the per-layer check above saw the right scale; the rewrite gets the wrong one
+    def plan(
+        self,
+        gm: GraphModule,
+        layers: list[Layer],
+        first_batch: list[Any],
+        batches: Iterable[list[Any]],
+    ) -> list[Layer]:
+        chosen = super().plan(gm, layers, first_batch, batches)
+        # the plan saw the right scale; the rewrite gets the wrong one
         if not fixed() and len(layers) >= self.wrong_layer:
             layer = layers[self.wrong_layer - 1]
             if layer.x_scale is not None:

@@ -24,6 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
+import graphopt
 from graphopt import EquivalenceError, PassManager, zoo
 from graphopt.frontends.capture import capture
 from graphopt.ir.graph import original_name
@@ -106,8 +107,12 @@ def _calls(gm: GraphModule, target: Any) -> list[Node]:
 
 
 def _position(case: str) -> int:
-    """1-based position of the planted pass in the flattened pipeline."""
-    return len(pass_labels(parse_pipeline(PREFIX[case]))) + 1
+    """1-based position of the planted pass in the flattened pipeline, as the pipeline schedules
+    it (passes a pass declares with ``followed_by``, such as int8's lower-int8, included)."""
+    labels = pass_labels(parse_pipeline(pipeline(case)))
+    position = labels.index(PLANTED[case].split("{")[0]) + 1
+    assert position == len(pass_labels(parse_pipeline(PREFIX[case]))) + 1
+    return position
 
 
 # -- (i) a wrong rewrite --------------------------------------------------------------------------
@@ -178,7 +183,8 @@ def test_wrong_int8_scale_is_found_exactly(cases: dict[str, Case]) -> None:
     v = c.verdict
     second_layer = _calls(c.received, aten.linear.default)[1]
     assert (v.pass_name, v.pass_index) == ("int8-planted", _position("int8"))
-    # int8 rewrites each chosen layer once (its QDQ form) before lowering: layer 2 is rewrite 2
+    # int8 rewrites each chosen layer once (its QDQ form; lower-int8, the next pass, lowers it):
+    # layer 2 is rewrite 2
     assert (v.rewrite_in_pass, v.rewrite) == (2, c.prefix_rewrites + 2)
     assert v.rule == "int8" and v.kind == "local"
     assert v.replaced == second_layer.name and v.origin == original_name(second_layer)
@@ -299,3 +305,105 @@ def test_command_line_writes_verdict_and_repro(
     )
     assert "first breaking pass" in (out / "report.txt").read_text()
     assert (repro / "repro.py").is_file() and (repro / "tensors.pt").is_file()
+
+
+# -- calibration data (--calib) -------------------------------------------------------------------
+
+
+def _calibration(n: int = 4) -> list[torch.Tensor]:
+    """Batches like the zoo MLP's example input, three times as wide: calibrated on them, int8
+    has other scales than on the example inputs."""
+    gen = torch.Generator().manual_seed(5)
+    return [3 * torch.randn(16, 128, generator=gen) for _ in range(n)]
+
+
+def test_bisect_with_calib_reproduces_the_int8_compile(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``debug bisect MODEL --pipeline "-O2,int8" --calib batches.pt`` runs the compile that
+    ``graphopt.compile(..., calibration_data=the same batches)`` runs: the same verdict (no pass
+    breaks its contract) and the same per-layer decisions, numbers included."""
+    batches = _calibration()
+    torch.save(batches, tmp_path / "batches.pt")
+    model, inputs = zoo.mlp()
+    compiled = graphopt.compile(model, inputs, pipeline="-O2,int8", calibration_data=batches)
+    assert all(r.status != "rolled back" for r in compiled.report.records)
+    int8 = next(r for r in compiled.report.records if r.name == "int8")
+
+    def bisect_cli(*calib: str) -> dict[str, Any]:
+        out = tmp_path / f"out{len(calib)}"
+        argv = ["debug", "bisect", "mlp", "--pipeline", "-O2,int8", *calib, "--out", str(out)]
+        assert main(argv) == 0
+        return json.loads((out / "verdict.json").read_text())
+
+    verdict = bisect_cli("--calib", str(tmp_path / "batches.pt"))
+    text = capsys.readouterr().out
+    assert verdict["pass_name"] is None and "no pass broke its contract" in text
+    assert f"calibration {tmp_path / 'batches.pt'}" in text
+    assert "per-layer decisions of the verified run" in text and "int8: per layer" in text
+    assert verdict["layers"]["int8"] == _jsonable(int8.stats["layers"])
+    # without the calibration data the numbers are others: the file was read
+    assert bisect_cli()["layers"]["int8"] != verdict["layers"]["int8"]
+
+
+def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return json.loads(json.dumps(Verdict("", 0, layers={"x": rows}).to_json()["layers"]["x"]))
+
+
+def test_planted_int8_bug_is_found_with_calibration_data(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The planted wrong scale, on a model calibrated with --calib: the same pass, rewrite and
+    node as without, the numbers of the calibrated scales, and a repro that carries the
+    calibration batches its subgraph sees and fails on its own."""
+    batches = _calibration()
+    torch.save(batches, tmp_path / "batches.pt")
+    model_file = tmp_path / "model.py"
+    model_file.write_text(
+        "import planted  # noqa: F401  (registers the planted passes)\n"
+        "from graphopt import zoo\n\n\n"
+        "def mlp(batch=16):\n    return zoo.mlp(batch=batch)\n"
+    )
+    out, repro = tmp_path / "out", tmp_path / "repro"
+    argv = ["debug", "bisect", f"{model_file}:mlp", "--pipeline", pipeline("int8")]
+    calib = ["--calib", str(tmp_path / "batches.pt")]
+    assert main([*argv, *calib, "--out", str(out), "--repro", str(repro)]) == 0
+    text = capsys.readouterr().out
+    v = json.loads((out / "verdict.json").read_text())
+    model, inputs = zoo.mlp()
+    plain = bisect(model, inputs, pipeline("int8"))
+    assert (v["pass_name"], v["pass_index"]) == ("int8-planted", _position("int8"))
+    assert (v["rewrite_in_pass"], v["replaced"], v["kind"]) == (2, plain.replaced, "local")
+    assert v["metric"] == "cosine" and v["value"] < 0.99
+    assert v["value"] != pytest.approx(plain.value, abs=1e-6)  # calibrated on the batches
+    assert f"--calib {tmp_path / 'batches.pt'} --max-rewrites {v['rewrite']}" in text
+    # the Python API finds the same, with the same numbers
+    same = bisect(model, inputs, pipeline("int8"), calibration_data=batches)
+    assert (same.rewrite, same.node, same.value) == (v["rewrite"], v["node"], v["value"])
+    # the repro: the subgraph's inputs on each calibration batch, saved next to the script
+    saved = torch.load(repro / "tensors.pt")
+    assert set(saved) == {"inputs", "weights", "calibration"}
+    assert len(saved["calibration"]) == len(batches)
+    assert [set(b) for b in saved["calibration"]] == [set(saved["inputs"])] * len(batches)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GRAPHOPT_PLANTED_FIXED")}
+    script = [sys.executable, str(repro / "repro.py")]
+    broken = subprocess.run(script, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert broken.returncode != 0 and broken.stdout.startswith("reproduced: int8-planted")
+    fixed = subprocess.run(
+        script, cwd=tmp_path, env={**env, "GRAPHOPT_PLANTED_FIXED": "1"}, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert fixed.returncode == 0 and fixed.stdout.startswith("not reproduced")
+
+
+def test_bisect_refuses_a_one_shot_iterator() -> None:
+    model, inputs = zoo.mlp()
+    with pytest.raises(graphopt.GraphoptError, match="pass a list of batches, or a function"):
+        bisect(model, inputs, "-O1,int8", calibration_data=iter(_calibration()))
+
+
+def test_a_repro_carries_calibration_data_only_to_a_pass_that_reads_it(tmp_path: Path) -> None:
+    model, inputs = zoo.mlp()
+    v = bisect(model, inputs, pipeline("relu"), repro=tmp_path, calibration_data=_calibration())
+    assert v.pass_name == "relu-to-clamp"
+    assert set(torch.load(tmp_path / "tensors.pt")) == {"inputs", "weights"}

@@ -7,7 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
+import graphopt
+from graphopt import zoo
 from graphopt.tools.cli import main
 
 MLP_FUSE = "cleanup,fold-bn,fuse-epilogue{measure=false}"
@@ -123,3 +126,23 @@ def test_every_run_writes_its_folder(
     report = (folders[0] / "report.txt").read_text()
     assert "timing (sorted by total" in report and "cleanup:dce" in report
     assert f"debug output written to {Path('debug-out') / folders[0].name}" in out
+
+
+def test_calib_file_calibrates_int8(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``--calib``: the per-layer table is graphopt.compile's with the same calibration data."""
+    gen = torch.Generator().manual_seed(5)
+    batches = [3 * torch.randn(16, 128, generator=gen) for _ in range(3)]
+    torch.save(batches, tmp_path / "batches.pt")
+    pipeline = "-O1,int8{measure=false}"
+    out = run(
+        capsys, tmp_path, "mlp", "--pipeline", pipeline, "--calib", str(tmp_path / "batches.pt")
+    )
+    model, inputs = zoo.mlp()
+    compiled = graphopt.compile(model, inputs, pipeline=pipeline, calibration_data=batches)
+    table = compiled.report.layer_text()
+    assert table.startswith("int8: per layer") and table in out
+    assert (
+        compiled.report.layer_text()
+        != graphopt.compile(model, inputs, pipeline=pipeline).report.layer_text()
+    )
+    assert re.search(r"^int8 .* ok$", out, re.M) and re.search(r"^lower-int8 .* ok$", out, re.M)

@@ -494,3 +494,25 @@ def test_chromium_check_sees_a_broken_script(pages: dict[str, Page], tmp_path: P
     assert body.attrs.get("data-rendered") == "error"
     assert "script error" in shown.dom.by_id("js-errors").all_text()
     assert any("Uncaught TypeError" in line for line in shown.console)
+
+
+def test_calib_file_calibrates_the_compile_the_page_shows(tmp_path: Path) -> None:
+    """``--calib``: the page's run is graphopt.compile's with the same calibration data (int8
+    and lower-int8 each have their row), and its command line names the file."""
+    gen = torch.Generator().manual_seed(5)
+    batches = [3 * torch.randn(16, 128, generator=gen) for _ in range(3)]
+    torch.save(batches, tmp_path / "batches.pt")
+    pipeline = "-O1,int8{measure=false}"
+    model, inputs = load_model("mlp", None)
+    run = report.collect(model, inputs, pipeline, calibration=batches)
+    compiled = graphopt.compile(model, inputs, pipeline=pipeline, calibration_data=batches)
+    names = [r.name for r in run.report.records]
+    assert names == [r.name for r in compiled.report.records] and names[-2:] == [
+        "int8",
+        "lower-int8",
+    ]
+    assert run.report.records[-2].stats == compiled.report.records[-2].stats
+    page = tmp_path / "page.html"
+    argv = ["report", "mlp", "--pipeline", pipeline, "--calib", str(tmp_path / "batches.pt")]
+    assert main([*argv, "-o", str(page), "--out", str(tmp_path / "run")]) == 0
+    assert f"--calib {tmp_path / 'batches.pt'}" in page.read_text()

@@ -1,4 +1,5 @@
-"""PNG plots for ``graphopt bench`` (matplotlib, headless)."""
+"""PNG plots of a benchmark run (matplotlib, headless): speedup per model and mode, latency
+against batch size, compile time against depth."""
 
 from __future__ import annotations
 

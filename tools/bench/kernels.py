@@ -1,4 +1,5 @@
-"""Micro-benchmarks of graphopt's hand-written kernels against their torch baselines on a GPU.
+"""Micro-benchmarks of graphopt's hand-written kernels (``graphopt.kernels``) against their torch
+baselines on a GPU; ``graphopt bench --kernels`` runs them.
 
 Every measured output is first checked against a float64 reference computed from the same
 inputs (``max_rel_err`` = max |out - ref| / max |ref|). Times are ``triton.testing.do_bench``
@@ -321,7 +322,7 @@ def _w8a16_rows(device: str) -> list[dict[str, Any]]:
             _row(
                 name, (m, k, n), torch.float16, ms, base_ms, err, "fp16 cuBLAS F.linear",
                 gbps=moved / (ms * 1e-3) / 1e9, baseline_gbps=base_moved / (base_ms * 1e-3) / 1e9,
-                split_k=float(int8_gemm._choose_split_k(m, n, k, x.device)),
+                split_k=float(int8_gemm.choose_split_k(m, n, k, x.device)),
             )
         )  # fmt: skip
     return rows
@@ -348,3 +349,18 @@ def kernel_benchmarks(device: str = "cuda") -> list[dict[str, Any]]:
     rows += _int8_linear_rows(device)
     rows += _w8a16_rows(device)
     return rows
+
+
+UNMEASURED_NOTE = (
+    "Unmeasured in this run: the kernel microbenchmarks (generated pointwise and norm "
+    "kernels against copy bandwidth at 64M elements, GEMM with fused epilogue against "
+    "cuBLAS plus a separate epilogue, attention against SDPA) run with `--device cuda`."
+)
+
+
+def kernel_results(wanted: str, device: str) -> tuple[list[dict[str, Any]], str]:
+    """``kernel_benchmarks(device)`` and no note, or no rows and the note saying why they are
+    unmeasured. ``wanted`` is ``--kernels``: yes, no, or auto (on cuda only)."""
+    if wanted == "no" or (wanted == "auto" and device != "cuda"):
+        return [], UNMEASURED_NOTE
+    return kernel_benchmarks(device), ""

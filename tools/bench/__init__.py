@@ -1,0 +1,17 @@
+"""``graphopt bench``: graphopt against eager PyTorch, torch.compile and ONNX Runtime, side by side.
+
+All modes of a model run in one process on the same inputs: warm-up first, then the median of
+many timed calls over rotating random inputs (never zeros). On the CPU the thread count is fixed;
+on the GPU timings come from ``triton.testing.do_bench``. Every mode's outputs are compared with
+eager fp32 (max abs, relative L2, cosine). A mode that cannot run is reported with its reason.
+
+One module per concern, each importing only those listed before it: ``mode`` (what a mode is),
+``inputs``, ``timing``, ``onnx_modes`` and ``modes`` (the modes by name), ``measure`` (one model,
+every mode), ``scaling``, ``environment``, ``tables``, ``report`` (json and markdown), ``plots``,
+``page`` (the docs page), ``kernels`` (kernel microbenchmarks) and ``command`` (the options and the
+run). Models are the zoo's (``graphopt.zoo``), selected by name.
+"""
+
+from graphopt.tools.bench.command import add_arguments, run
+
+__all__ = ["add_arguments", "run"]

@@ -1,0 +1,169 @@
+"""Measuring one model: every mode built in this process on the same inputs, its compile time and
+memory taken, its outputs checked against eager fp32, then all modes timed together.
+
+A mode that cannot run is a finding, not a crash: its ``Result`` says ``unavailable`` or
+``failed`` with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from graphopt import zoo
+from graphopt.tools.bench.inputs import input_sets, to_device
+from graphopt.tools.bench.mode import ModeUnavailable, Runner, Setup
+from graphopt.tools.bench.modes import MODES
+from graphopt.tools.bench.timing import Settings, Timing, time_runners
+from graphopt.verification import metrics
+
+
+@dataclass
+class Result:
+    model: str
+    mode: str
+    batch: int
+    status: str = "ok"  # ok | unavailable | failed
+    reason: str = ""
+    latency_ms: float | None = None  # median
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    reps: int = 0  # timed calls on the CPU; -1 on the GPU, where do_bench chooses
+    compile_s: float | None = None
+    peak_mem_mb: float | None = None
+    max_abs: float | None = None
+    rel_l2: float | None = None
+    cosine: float | None = None
+    speedup: float | None = None  # eager latency / this latency
+
+
+def bench_model(
+    name: str,
+    modes: Sequence[str],
+    batch: int,
+    settings: Settings,
+    on_mode: Callable[[str], None] | None = None,
+) -> list[Result]:
+    """Every mode of the zoo model ``name``, in this process, on the same inputs."""
+    try:
+        model, inputs = zoo.get(name, batch=batch)
+    except zoo.ModelUnavailable as exc:
+        return [Result(name, m, batch, "unavailable", str(exc)) for m in modes]
+    model = model.eval().to(settings.device)
+    inputs = to_device(inputs, settings.device)
+    sets = [to_device(s, settings.device) for s in input_sets(inputs, settings.rotate)]
+    check = sets[0]
+    with torch.no_grad():
+        reference = model(*check)
+    setup = Setup(model, inputs, settings.device)
+    results, runs = [], []
+    for mode in modes:
+        if on_mode:
+            on_mode(mode)
+        result, run = _prepare_mode(name, mode, batch, setup, check, reference, settings)
+        results.append(result)
+        runs.append(run)
+    ready = [(r, run) for r, run in zip(results, runs) if run is not None]
+    try:
+        timings = time_runners([run for _, run in ready], sets, settings)
+    except Exception as exc:  # a mode that worked once and then failed while timed
+        for r, _ in ready:
+            r.status, r.reason = "failed", f"while timing: {_one_line(exc)}"
+        return results
+    for (r, _), timing in zip(ready, timings):
+        _record(r, timing)
+    _speedups(results)
+    return results
+
+
+def _record(result: Result, timing: Timing) -> None:
+    result.latency_ms, result.p10_ms = timing.median_ms, timing.p10_ms
+    result.p90_ms, result.reps = timing.p90_ms, timing.reps
+
+
+def _speedups(results: Sequence[Result]) -> None:
+    """Each measured mode's speedup over the measured eager mode, where there is one."""
+    eager = next((r for r in results if r.mode == "eager" and r.latency_ms), None)
+    for r in results:
+        if eager and r.latency_ms:
+            r.speedup = eager.latency_ms / r.latency_ms  # type: ignore[operator]
+
+
+def _prepare_mode(
+    name: str,
+    mode: str,
+    batch: int,
+    setup: Setup,
+    check: tuple[Any, ...],
+    reference: Any,
+    settings: Settings,
+) -> tuple[Result, Runner | None]:
+    """Build (compile) one mode, measure its compile time and memory, check its outputs."""
+    result = Result(name, mode, batch)
+    if mode not in MODES:
+        result.status, result.reason = "failed", f"unknown mode {mode!r}"
+        return result, None
+    mem: dict[str, float] = {}
+    try:
+        with _memory(settings.device, mem):
+            t0 = time.perf_counter()
+            run = MODES[mode](setup)
+            result.compile_s = time.perf_counter() - t0
+            result.__dict__.update(output_errors(run(*check), reference))
+    except ModeUnavailable as exc:
+        result.status, result.reason = "unavailable", str(exc)
+        return result, None
+    except Exception as exc:  # a mode failing is a finding to report, not a crash
+        result.status, result.reason = "failed", _one_line(exc)
+        return result, None
+    result.peak_mem_mb = mem.get("peak_mem_mb")
+    return result, run
+
+
+def output_errors(got: Any, want: Any) -> dict[str, float]:
+    """Worst max-abs, relative-L2 and cosine over the float outputs, against eager fp32."""
+    g, w = pytree.tree_leaves(got), pytree.tree_leaves(want)
+    if len(g) != len(w):
+        raise RuntimeError(f"{len(g)} outputs instead of {len(w)}")
+    pairs = [(a, b) for a, b in zip(g, w) if isinstance(b, torch.Tensor) and b.is_floating_point()]
+    for a, b in pairs:
+        if tuple(a.shape) != tuple(b.shape):
+            raise RuntimeError(f"output shape {tuple(a.shape)} instead of {tuple(b.shape)}")
+    return {
+        "max_abs": max((metrics.max_abs(a, b) for a, b in pairs), default=0.0),
+        "rel_l2": max((metrics.rel_l2(a, b) for a, b in pairs), default=0.0),
+        "cosine": min((metrics.cosine(a, b) for a, b in pairs), default=1.0),
+    }
+
+
+def _one_line(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+@contextlib.contextmanager
+def _memory(device: str, out: dict[str, float]) -> Iterator[None]:
+    """GPU: peak allocated by torch. CPU: resident-set growth of the process during the mode."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield
+        torch.cuda.synchronize()
+        out["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        base = _rss_mb()
+        yield
+        out["peak_mem_mb"] = max(0.0, _rss_mb() - base)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -1,0 +1,82 @@
+"""Markdown tables of a benchmark run: per-mode results, compile scaling and kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from graphopt.tools.bench.measure import Result
+
+_RESULT_HEAD = (
+    "| model | batch | mode | median ms | p10-p90 ms | speedup vs eager | compile s | mem MB "
+    "| max abs err | cosine | status |"
+)
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    """One row per result; a model that no mode could run, for one reason, gets one row."""
+    lines = [_RESULT_HEAD, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    shown: set[tuple[str, int]] = set()
+    for r in results:
+        same = [o for o in results if (o.model, o.batch) == (r.model, r.batch)]
+        if all(o.status == "unavailable" and o.reason == r.reason for o in same):
+            if (r.model, r.batch) not in shown:
+                shown.add((r.model, r.batch))
+                lines.append(
+                    f"| {r.model} | {r.batch} | all modes | - | - | - | - | - | - | - "
+                    f"| unavailable: {r.reason} |"
+                )
+            continue
+        lines.append(_result_row(r))
+    return "\n".join(lines) + "\n"
+
+
+def _result_row(r: Result) -> str:
+    spread = "-" if r.p10_ms is None else f"{r.p10_ms:.3g}-{r.p90_ms:.3g}"
+    status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
+    return (
+        f"| {r.model} | {r.batch} | {r.mode} | {_fmt(r.latency_ms, '.3f')} | {spread} | "
+        f"{_fmt(r.speedup, '.2f')} | {_fmt(r.compile_s, '.2f')} | {_fmt(r.peak_mem_mb, '.0f')} | "
+        f"{_fmt(r.max_abs, '.1e')} | {_fmt(r.cosine, '.6f')} | {status.replace('|', '/')} |"
+    )
+
+
+def compile_table(rows: Sequence[dict[str, Any]], exponent: float | None) -> str:
+    """graphopt -O1 compile time against gpt depth, and the growth exponent when there is one."""
+    lines = [
+        "| gpt layers | graph nodes | graphopt -O1 compile s | of which passes + checks s |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['layers']} | {row['nodes']} | {row['compile_s']:.2f} | {row['passes_s']:.2f} |"
+        )
+    if exponent is not None:
+        lines.append(
+            "\nGrowth exponent of compile time against graph size (log-log slope; 1.0 is linear): "
+            f"**{exponent:.2f}**"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# the throughput a kernel row carries, and its unit
+_RATES = (("gbps", " GB/s"), ("tflops", " TFLOPS"), ("tops", " TOPS"))
+
+
+def kernel_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per kernel measurement from ``graphopt.tools.bench.kernels.kernel_benchmarks``."""
+    head = "| kernel | shape | dtype | ms | baseline ms | speedup | rate | max rel err |"
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        rate = r.get("gbps") or r.get("tflops") or r.get("tops")
+        unit = next((u for k, u in _RATES if r.get(k)), "")
+        lines.append(
+            f"| {r.get('name')} | {r.get('shape')} | {r.get('dtype')} | {_fmt(r.get('ms'), '.4f')} "
+            f"| {_fmt(r.get('baseline_ms'), '.4f')} | {_fmt(r.get('speedup'), '.2f')} "
+            f"| {_fmt(rate, '.1f')}{unit if rate else ''} | {_fmt(r.get('max_rel_err'), '.1e')} |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
