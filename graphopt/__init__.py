@@ -8,6 +8,7 @@ graphopt.save(compiled, "m.graphopt"); graphopt.load("m.graphopt")
 import graphopt.ops  # noqa: F401  (registers torch.ops.graphopt.*, needed to load saved models)
 import graphopt.passes  # noqa: F401  (registers the built-in passes by name)
 from graphopt.api import compile
+from graphopt.backends import Backend, BackendError, Engine, Handoff, register_backend
 from graphopt.errors import (
     CaptureError,
     EquivalenceError,
@@ -46,6 +47,11 @@ from graphopt.runtime.recover import recover
 from graphopt.verification.contracts import Contract
 
 __all__ = [
+    "Backend",
+    "BackendError",
+    "Engine",
+    "Handoff",
+    "register_backend",
     "Call",
     "Const",
     "Match",

@@ -6,14 +6,20 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from graphopt.backends.base import Engine, Handoff
+from graphopt.backends.select import BackendRow, budget_of, choose_engine
 from graphopt.errors import GraphoptError
 from graphopt.frontends.capture import capture, signature_for, source_of
 from graphopt.frontends.exported import as_args
 from graphopt.pipeline.manager import Event, PassManager
 from graphopt.pipeline.passes import PipelineItem
+from graphopt.pipeline.report import Report
 from graphopt.runtime.compiled import CompiledModule
+from graphopt.verification.contracts import Contract
+from graphopt.verification.interpreter import reference_run
 
 TARGETS = ("auto", "cpu", "cuda")
 
@@ -44,6 +50,7 @@ def compile(
     dynamic_batch: bool = True,
     on_event: Event | None = None,
     calibration_data: Iterable[Any] | None = None,
+    backend: str = "aten",
 ) -> CompiledModule:
     """Optimize ``model`` for inference and return a module that behaves like it.
 
@@ -58,6 +65,13 @@ def compile(
     kept (the per-layer sensitivity check runs on it). Without it, the example inputs are the
     only calibration batch. Under ``torch.distributed``, each process passes its own shard and
     the observers are all-reduced, so every process gets the same model.
+
+    ``backend`` is the engine the optimized graph runs on: ``"aten"`` (the default: the graph
+    itself, calling ATen and graphopt ops), ``"inductor"`` (torch.compile), ``"onnxruntime"``,
+    any registered with ``graphopt.register_backend``, or ``"auto"``: every backend available
+    here is built, verified against the float64 reference within the pipeline's budget, timed
+    on the example inputs, and the fastest that passes is kept (``.report`` has the table). A
+    backend that breaks the budget is never returned.
 
     ``model`` may be an ONNX file path or ``onnx.ModelProto``; ``example_inputs`` are then
     optional (synthesized from the ONNX input types) and every symbolic ONNX dim stays dynamic.
@@ -83,7 +97,37 @@ def compile(
     optimized.meta["graphopt_capture"] = info
     spec = ",".join(item.spec() for item in manager.items)
     signature = signature_for(args, kwargs, info)
-    return CompiledModule(optimized, signature, report=report, pipeline=spec, target=resolved)
+    engine = None
+    if backend != "aten":
+        reference = manager.verifier.ref_outputs if manager.verifier else None
+        engine, report.backends = run_on_backend(
+            backend, optimized, gm, flat_inputs, signature, report, resolved, on_fail, reference
+        )
+    return CompiledModule(
+        optimized, signature, report=report, pipeline=spec, target=resolved, engine=engine
+    )
+
+
+def run_on_backend(
+    backend: str,
+    optimized: GraphModule,
+    captured: GraphModule,
+    flat_inputs: list[Any],
+    signature: Any,
+    report: Report,
+    target: str,
+    on_fail: str,
+    reference: list[Any] | None,
+) -> tuple[Engine | None, list[BackendRow]]:
+    """The engine for ``backend`` (None: aten, the graph itself) and the backend table. Engines
+    are judged against the float64 run of the captured graph, within what the contracts of the
+    passes that changed the graph allowed."""
+    if reference is None:  # verify=False: the backends are still verified
+        reference = reference_run(captured, flat_inputs)[0]
+    budget = budget_of([Contract.parse(r.contract) for r in report.records if r.status == "ok"])
+    handoff = Handoff.of(optimized, flat_inputs, signature)
+    engine, rows = choose_engine(backend, handoff, target, reference, budget, on_fail=on_fail)
+    return (None if engine.backend == "aten" else engine), rows
 
 
 def flat_batches(

@@ -110,6 +110,7 @@ def compile_and_report(
                 model, inputs, pipeline=args.pipeline, verify=not args.no_verify,
                 on_fail=args.on_fail, max_rewrites=args.max_rewrites, on_event=on_event,
                 calibration_data=None if calibration is None else calibration(),
+                backend=args.backend,
             )  # fmt: skip
     report = compiled.report
     console.print(
@@ -117,7 +118,8 @@ def compile_and_report(
             f"{name}  pipeline {compiled.pipeline or '(none)'}  ({report.total_s:.2f} s)", report
         )
     )
-    for text in (report.rule_text(), report.layer_text()):  # why (not) fused; int8 per layer
+    # why (not) fused; per-layer tables (int8, pruning); the backends tried
+    for text in (report.rule_text(), report.layer_text(), report.backend_text()):
         if text:
             console.print(text, markup=False, highlight=False)
     for w in caught:
@@ -208,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", default=None, help="also export the compiled model as ONNX here")
     p.add_argument("--show-graph", action="store_true", help="print the optimized graph")
     p.add_argument("--calib", metavar="FILE", default=None, help=debug.CALIB_HELP)
+    p.add_argument(
+        "--backend",
+        default="aten",
+        help="engine the optimized graph runs on: aten (default: the graph itself), inductor "
+        "(torch.compile), onnxruntime, or auto (verify every available one, keep the fastest)",
+    )
     common(p)
     p.set_defaults(func=cmd_compile)
 

@@ -46,7 +46,6 @@ from graphopt.frontends.exported import as_args, export_program, normalize
 from graphopt.ir.state import effects, is_stateful
 from graphopt.ops.fused import ACTIVATIONS, norm_reference
 from graphopt.ops.registry import GRAPHOPT_OPS, IMPLS
-from graphopt.runtime.compiled import CompiledModule
 
 aten = torch.ops.aten
 G = torch.ops.graphopt
@@ -291,10 +290,10 @@ def _custom_node(name: str, overload: Any) -> Callable[..., Any]:
 
 
 def _resolve(obj: Any) -> GraphModule:
-    if isinstance(obj, CompiledModule):
-        return obj.gm
-    if isinstance(obj, GraphModule):
-        return obj
+    """The optimized graph of a compiled model (its ``gm``), or a GraphModule itself."""
+    gm = getattr(obj, "gm", obj) if isinstance(obj, torch.nn.Module) else obj
+    if isinstance(gm, GraphModule):
+        return gm
     raise OnnxExportError(
         f"graphopt.export_onnx takes what graphopt.compile returned (a CompiledModule) or a "
         f"torch.fx.GraphModule, got {type(obj).__name__}; compile the model first: "
@@ -454,7 +453,7 @@ def _rename_colliding_weights(gm: GraphModule) -> None:
 
 
 def export_onnx(
-    compiled_or_graph: CompiledModule | GraphModule,
+    compiled_or_graph: torch.nn.Module,
     path: str | os.PathLike[str],
     *,
     example_inputs: Any = None,

@@ -161,12 +161,16 @@ def _own_copy(gm: GraphModule, target: str, tensor: torch.Tensor) -> None:
 
 
 class StateBinding:
-    """How a compiled model calls a stateful graph: the user's inputs (flattened as at capture)
-    and the state buffers go in; the user's outputs come back, and the new buffer values and
-    written inputs are copied to where eager would have written them, once per call."""
+    """How a compiled model calls a graph through its flat calling convention (a stateful graph,
+    or a backend's engine): the user's inputs (flattened as at capture) and the state buffers go
+    in; the user's outputs come back, and the new buffer values and written inputs are copied
+    to where eager would have written them, once per call."""
 
     def __init__(self, gm: GraphModule) -> None:
-        self.in_spec, self.out_spec = gm.meta[IO]
+        # a stateless graph keeps torch.export's pytree calling convention: its specs are the
+        # graph module's own
+        specs = gm.meta.get(IO) or (getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None))
+        self.in_spec, self.out_spec = specs
         self.buffers = [n.meta[STATE] for n in state_placeholders(gm)]
         self.effects = effects(gm)
         # results that are (views of) a tensor the write-back overwrites are copied first: a

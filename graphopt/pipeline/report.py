@@ -36,6 +36,8 @@ class Report:
     baseline_error: float | None = None
     total_s: float = 0.0
     snapshots: list[tuple[str, str]] = field(default_factory=list)
+    # the backend table of compile(..., backend=...): graphopt.backends.select.BackendRow rows
+    backends: list[Any] = field(default_factory=list)
 
     def to_text(self) -> str:
         head = f"{'pass':<24} {'time':>9} {'nodes':>12} {'rewrites':>8} {'err vs f64':>11}  status"
@@ -46,8 +48,24 @@ class Report:
             lines.append(
                 f"{r.name:<24} {r.time_s * 1e3:>7.1f}ms {nodes:>12} {r.rewrites:>8} {err:>11}  {r.status}"
             )
-        extra = [text for text in (self.rule_text(), self.layer_text()) if text]
+        extra = [
+            text for text in (self.rule_text(), self.layer_text(), self.backend_text()) if text
+        ]
         return "\n\n".join(["\n".join(lines), *extra])
+
+    def backend_text(self) -> str:
+        """The backend table: each engine's median time, its error, kept / rejected and why."""
+        if not self.backends:
+            return ""
+        head = f"{'backend':<14} {'median':>10} {'err vs f64':>11} {'build':>8}  status"
+        lines = ["backends", head, "-" * len(head)]
+        for r in self.backends:
+            ms = "-" if r.time_ms is None else f"{r.time_ms:.3f}ms"
+            err = "-" if r.error is None else f"{r.error:.2e}"
+            build = "-" if r.build_s is None else f"{r.build_s:.1f}s"
+            why = f" ({r.why})" if r.why else ""
+            lines.append(f"{r.backend:<14} {ms:>10} {err:>11} {build:>8}  {r.status}{why}")
+        return "\n".join(lines)
 
     def layer_text(self) -> str:
         """Per-layer tables that passes leave in ``stats["layers"]`` (int8 precision and error,

@@ -13,7 +13,8 @@ import torch
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from graphopt.errors import SerializationError
+from graphopt.backends.base import Engine, Handoff, backend_named
+from graphopt.errors import SerializationError, first_line
 from graphopt.frontends.exported import batch_dims, export_program, graph_of
 from graphopt.frontends.signature import InputSignature, TensorSpec
 from graphopt.ir.state import StateBinding, StatefulProgram, is_stateful
@@ -33,13 +34,18 @@ class CompiledModule(torch.nn.Module):
         report: Any = None,
         pipeline: str = "",
         target: str = "cpu",
+        engine: Engine | None = None,
     ) -> None:
         super().__init__()
         self.gm = gm  # the optimized graph: saved, exported and reported
         self._exec = executable(gm)  # the same graph calling graphopt ops without the dispatcher
+        # another backend's engine runs the graph through the flat calling convention
+        self.engine = engine
+        self.backend = engine.backend if engine is not None else "aten"
         # a model that updates buffers or writes inputs: the graph threads them through, and the
         # binding writes them back once per call (its buffers are the graph's own copies)
-        self._state = StateBinding(gm) if is_stateful(gm) else None
+        flat = engine is not None or is_stateful(gm)
+        self._state = StateBinding(gm) if flat else None
         self.signature = signature
         self.report = report
         self.pipeline = pipeline
@@ -49,7 +55,8 @@ class CompiledModule(torch.nn.Module):
         self.signature.check(args, kwargs)
         with torch.no_grad():  # compiled models are for inference: weights are folded constants
             if self._state is not None:
-                return self._state(self._exec, self.gm, args, kwargs)
+                run = self.engine.run if self.engine is not None else self._exec
+                return self._state(run, self.gm, args, kwargs)
             return self._exec(*args, **kwargs)
 
     @property
@@ -101,10 +108,13 @@ def save(compiled: CompiledModule, path: str | Path) -> None:
             f"{str(exc).splitlines()[0] if str(exc) else ''}. Report this with the pipeline "
             f"{compiled.pipeline!r}"
         ) from None
+    payload = compiled.engine.payload() if compiled.engine and compiled.engine.payload else {}
     meta = {
         "format": FORMAT,
         "pipeline": compiled.pipeline,
         "target": compiled.target,
+        "backend": compiled.backend,
+        "backend_files": sorted(payload),
         "signature": {
             "shared_batch": sig.shared_batch,
             "n_args": sig.n_args,
@@ -116,6 +126,8 @@ def save(compiled: CompiledModule, path: str | Path) -> None:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("graphopt.json", json.dumps(meta, indent=1))
         zf.writestr("program.pt2", buffer.getvalue())
+        for name, data in payload.items():  # what the backend rebuilds its engine from
+            zf.writestr(f"backend/{name}", data)
 
 
 def load(path: str | Path) -> CompiledModule:
@@ -127,6 +139,7 @@ def load(path: str | Path) -> CompiledModule:
         with zipfile.ZipFile(path) as zf:
             meta = json.loads(zf.read("graphopt.json"))
             program = zf.read("program.pt2")
+            payload = {name: zf.read(f"backend/{name}") for name in meta.get("backend_files", [])}
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as exc:
         raise SerializationError(
             f"graphopt.load: {path} is not a graphopt model file or is corrupt ({exc}); "
@@ -153,4 +166,33 @@ def load(path: str | Path) -> CompiledModule:
         s["dynamic_batch"],
         s.get("shared_batch", False),
     )
-    return CompiledModule(gm, sig, pipeline=meta["pipeline"], target=meta["target"])
+    engine = _load_engine(gm, sig, meta, payload, path)
+    return CompiledModule(gm, sig, pipeline=meta["pipeline"], target=meta["target"], engine=engine)
+
+
+def _load_engine(
+    gm: GraphModule,
+    sig: InputSignature,
+    meta: dict[str, Any],
+    payload: dict[str, bytes],
+    path: Path,
+) -> Engine | None:
+    """The saved backend's engine, rebuilt from what it stored (no recompiling)."""
+    name = meta.get("backend", "aten")
+    if name == "aten":
+        return None
+    backend = backend_named(name)
+    why = backend.unavailable(meta["target"])
+    if why is not None:
+        raise SerializationError(
+            f"graphopt.load: {path} runs on backend {name!r}, which is unavailable here ({why}); "
+            "install it, or recompile the model with another backend"
+        )
+    leaves = pytree.tree_leaves(_example_inputs(sig, StateBinding(gm).in_spec))
+    try:
+        return backend.load(Handoff.of(gm, leaves, sig), payload, meta["target"])
+    except Exception as exc:
+        raise SerializationError(
+            f"graphopt.load: could not rebuild the {name!r} engine of {path} "
+            f"({type(exc).__name__}: {first_line(exc)}); recompile the model and save it again"
+        ) from None

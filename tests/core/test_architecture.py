@@ -25,18 +25,19 @@ STAGES = {
     "verification": {"errors", "ir", "ops"},
     "pipeline": {"errors", "ir", "verification"},
     "frontends": {"errors", "ir", "ops"},
-    "runtime": {"errors", "ir", "ops", "frontends", "pipeline", "verification"},
-    "export": {"errors", "ir", "ops", "frontends", "runtime"},
+    "export": {"errors", "ir", "ops", "frontends"},
+    "backends": {"errors", "ir", "ops", "kernels", "frontends", "verification", "export"},
+    "runtime": {"errors", "ir", "ops", "frontends", "pipeline", "verification", "backends"},
     "passes": {"errors", "ir", "ops", "verification", "pipeline", "kernels"},
     "zoo": {"errors"},
     "testing": {"errors", "ir", "frontends", "pipeline", "verification"},
     "facade": {
         "errors", "ir", "ops", "verification", "pipeline", "frontends", "runtime", "export",
-        "passes", "zoo", "kernels", "facade",
+        "backends", "passes", "zoo", "kernels", "facade",
     },
     "tools": {
         "errors", "ir", "ops", "verification", "pipeline", "frontends", "runtime", "export",
-        "passes", "zoo", "kernels", "facade",
+        "backends", "passes", "zoo", "kernels", "facade",
     },
 }  # fmt: skip
 
