@@ -88,6 +88,7 @@ def compile(
         target=resolved,
         on_event=on_event,
         calibration=None if calibration_data is None else flat_batches(calibration_data, kwargs),
+        engine=backend,
     )
     gm = capture(model, args, kwargs, dynamic_batch=dynamic_batch)
     info = gm.meta["graphopt_capture"]

@@ -57,7 +57,10 @@ class Int8(Pass):
     head or a network's first 1x1 convolution), ``lower`` (the pipeline runs lower-int8 next),
     ``smooth`` (SmoothQuant migration strength alpha, 0 = off; static W8A8 only),
     ``measure`` (keep a layer in int8 only where it measures faster than float on the target,
-    as the compiled model runs it; once per shape, cached).
+    as the compiled model runs it; once per shape, cached). Only when the graph runs on the
+    aten backend (``ctx.engine``): under another engine (Inductor's oneDNN int8, ONNX
+    Runtime's integer GEMMs, or ``auto``) graphopt's own int8 ops are not what runs, so timing
+    them would judge the wrong code; that engine is verified and timed whole instead.
 
     Calibration data is ``ctx.calibration``, a stream: read once (by the observers), and only
     its first batch kept (for SmoothQuant's channel maxima and the sensitivity check).
@@ -92,7 +95,8 @@ class Int8(Pass):
         if self.smooth > 0 and self.static:
             int8_plan.smooth(gm, layers, first_batch, self.smooth, rw)
             layers = int8_plan.find_layers(gm, self.act, self.mode, None)  # the smoothed layers
-        chosen = self.plan(gm, layers, first_batch, batches)
+        measure = self.measure and ctx.engine == "aten"
+        chosen = self.plan(gm, layers, first_batch, batches, measure)
         for layer in layers:
             if layer.precision != "int8":
                 rw.missed(RULE, layer.node, layer.why)
@@ -115,6 +119,7 @@ class Int8(Pass):
         layers: list[Layer],
         first_batch: list[Any],
         batches: Iterable[list[Any]],
+        measure: bool = True,
     ) -> list[Layer]:
         """Decide every layer's precision and scales (``passes/lib/int8_plan.py``): calibrate on
         ``batches`` (the whole stream, read once), judge on ``first_batch``; returns the int8
@@ -131,7 +136,7 @@ class Int8(Pass):
             mode=self.mode,
             min_cosine=self.min_cosine,
             float_ends=ends,
-            slower=self._slower if self.measure else None,
+            slower=self._slower if measure else None,
         )
 
     def _slower(self, layer: Layer, values: dict[str, Any]) -> str | None:

@@ -6,7 +6,11 @@ May import: graphopt.errors, graphopt.ir, graphopt.ops, graphopt.kernels, grapho
 graphopt.verification, graphopt.export.
 """
 
-from graphopt.backends import aten  # noqa: F401  (registers the built-in backends)
+from graphopt.backends import (  # noqa: F401  (registers the built-in backends)
+    aten,
+    inductor,
+    onnxruntime,
+)
 from graphopt.backends.base import (
     AUTO,
     Backend,

@@ -90,6 +90,11 @@ class Engine:
     detail: str = ""  # what the report shows next to the backend's name (e.g. its providers)
 
 
+# judge(value, aten value, float64 value) -> (ok, why not): one intermediate value held to the
+# pipeline's budget (graphopt.backends.select builds it)
+ValueJudge = Callable[[Any, Any, Any], tuple[bool, str]]
+
+
 class Backend:
     """Base class of every backend (see the module docstring). Subclasses set ``name``."""
 
@@ -115,11 +120,12 @@ class Backend:
         """Rebuild a saved engine from ``payload`` (what ``Engine.payload`` returned)."""
         return self.build(handoff, target)
 
-    def diagnose(
-        self, engine: Engine, handoff: Handoff, reference: Sequence[Any], judge: Any
-    ) -> str | None:
+    def diagnose(self, engine: Engine, handoff: Handoff, judge: ValueJudge) -> str | None:
         """When the engine's outputs broke the budget: where, in the engine's own terms (e.g.
-        the first diverging ONNX node), or None. ``judge(value, ref) -> (ok, why)``."""
+        the first diverging ONNX node), or None. ``judge(value, aten, ref) -> (ok, why)`` holds
+        one intermediate value to the pipeline's budget: ``aten`` is the aten backend's value of
+        the same FX node of ``handoff.flat()``, ``ref`` its float64 value (``Runner``'s
+        reference run of that graph on ``handoff.example``)."""
         return None
 
 

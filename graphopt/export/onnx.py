@@ -29,11 +29,12 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.export import Dim
@@ -43,6 +44,7 @@ from torch.utils import _pytree as pytree
 
 from graphopt.errors import OnnxExportError, first_line
 from graphopt.frontends.exported import as_args, export_program, normalize
+from graphopt.ir.graph import attr_path
 from graphopt.ir.state import effects, is_stateful
 from graphopt.ops.fused import ACTIVATIONS, norm_reference
 from graphopt.ops.registry import GRAPHOPT_OPS, IMPLS
@@ -87,32 +89,26 @@ def _float_type(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _gemm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``F.linear`` as one 2-D Gemm (transB=1) whatever the rank of ``x``: torch.onnx writes a
-    3-D linear as Transpose(weight) + MatMul, which splits the weight's DequantizeLinear from
-    its GEMM. The reshape goes before ``x``'s own DequantizeLinear (see the callers)."""
-    if x.dim() == 2:
-        return F.linear(x, w, b)
-    y = F.linear(x.reshape(-1, x.shape[-1]), w, b)
-    return y.reshape(*x.shape[:-1], w.shape[0])
+def _matmul_kn(x: Tensor, wq_kn: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x @ DequantizeLinear(w8 [K, N], scales, axis=1)``, one ``MatMul`` whatever the rank of
+    ``x``. The weight arrives transposed (``_kn_weights`` stores ``w8.T``), so no Transpose
+    splits it from its DequantizeLinear: with ``x`` a DequantizeLinear too this is the node unit
+    ONNX Runtime's QDQ fuser runs as an integer GEMM (MatMulIntegerToFloat, or QLinearMatMul
+    where a QuantizeLinear follows)."""
+    return torch.matmul(x, _dequant_channel(wq_kn, w_scale, 1, dtype))
 
 
-def _rows(q: Tensor) -> Tensor:
-    return q if q.dim() == 2 else q.reshape(-1, q.shape[-1])
-
-
-def _int8_linear(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
-    # int8_linear(q, s, w8, ws, ..) -> gemm(dq(q, s), dq_axis0(w8, ws), b) ..
+def _int8_linear(xq, x_scale, wq_kn, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
+    # int8_linear(q, s, w8, ws, ..) -> dq(q, s) @ dq_axis1(w8.T, ws) + b ..
     ftype = _float_type(dtype)
-    b = None if b is None else b.to(ftype)  # inside the Gemm, where QDQ fusers look for it
-    y = _gemm(_dequant(_rows(xq), x_scale, ftype), _dequant_weight(wq, w_scale, ftype), b)
-    y = y if xq.dim() == 2 else y.reshape(*xq.shape[:-1], wq.shape[0])
-    return _epilogue(y, None, r, act).to(dtype)
+    y = _matmul_kn(_dequant(xq, x_scale, ftype), wq_kn, w_scale, ftype)
+    return _epilogue(y, None if b is None else b.to(ftype), r, act).to(dtype)
 
 
-def _int8_linear_requant(xq, x_scale, wq, w_scale, b, r, act, out_scale):  # type: ignore[no-untyped-def]
+def _int8_linear_requant(xq, x_scale, wq_kn, w_scale, b, r, act, out_scale):  # type: ignore[no-untyped-def]
     # int8_linear_requant(.., s_out) -> q(int8_linear(..), s_out)
-    return _quant(_int8_linear(xq, x_scale, wq, w_scale, b, r, act, torch.float32), out_scale)
+    y = _int8_linear(xq, x_scale, wq_kn, w_scale, b, r, act, torch.float32)
+    return _quant(y, out_scale)
 
 
 def _int8_conv1x1(xq, x_scale, wq, w_scale, b, r, act, dtype):  # type: ignore[no-untyped-def]
@@ -134,19 +130,19 @@ def _norm_quant(x, w, b, eps, kind, scale):  # type: ignore[no-untyped-def]
     return _quant(norm_reference(x, w, b, eps, kind), scale)
 
 
-def _int8_linear_dynamic(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
+def _int8_linear_dynamic(x, wq_kn, w_scale, b, r, act):  # type: ignore[no-untyped-def]
     # per-token scales have no ONNX QuantizeLinear form: the activation's quantization is
     # written out in float (round, clip), the weight stays a per-channel DequantizeLinear
     xf = x.to(_float_type(x.dtype))
     s = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / QMAX
     xq = torch.round(xf / s).clamp(-QMAX, QMAX)
-    y = _gemm(xq * s, _dequant_weight(wq, w_scale, xf.dtype), None)
+    y = _matmul_kn(xq * s, wq_kn, w_scale, xf.dtype)
     return _epilogue(y, b, r, act).to(x.dtype)
 
 
-def _w8a16_linear(x, wq, w_scale, b, r, act):  # type: ignore[no-untyped-def]
-    # w8a16_linear(x, w8, ws, ..) -> linear(x, dq_axis0(w8, ws), b) ..
-    return _epilogue(_gemm(x, _dequant_weight(wq, w_scale, x.dtype), None), b, r, act)
+def _w8a16_linear(x, wq_kn, w_scale, b, r, act):  # type: ignore[no-untyped-def]
+    # w8a16_linear(x, w8, ws, ..) -> x @ dq_axis1(w8.T, ws) + b ..
+    return _epilogue(_matmul_kn(x, wq_kn, w_scale, x.dtype), b, r, act)
 
 
 def _sparse24_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -166,6 +162,13 @@ LOWERINGS: dict[str, Callable[..., Any]] = {
     "int8_linear_dynamic": _int8_linear_dynamic,
     "w8a16_linear": _w8a16_linear,
     "sparse24_linear": _sparse24_linear,
+}
+# forms that take their int8 weight as w8.T [K, N] (``_kn_weights``): op name -> its position
+KN_WEIGHT = {
+    "int8_linear": 2,
+    "int8_linear_requant": 2,
+    "int8_linear_dynamic": 1,
+    "w8a16_linear": 1,
 }
 # kept as graphopt ops through torch.export (float32 in and out, see the wrappers above);
 # translated to the standard QuantizeLinear/DequantizeLinear below, with custom_ops too
@@ -341,12 +344,18 @@ def _placeholder_inputs(gm: GraphModule) -> list[Tensor]:
 
 
 def _inputs(
-    gm: GraphModule, example_inputs: Any, dynamic_batch: bool
+    gm: GraphModule,
+    example_inputs: Any,
+    dynamic_batch: bool,
+    dynamic: Sequence[Sequence[int]] | None = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
     """(args, kwargs, dynamic_shapes) to re-export ``gm`` with. The symbolic dims of the graph's
     inputs stay symbolic, all of them (an imported ONNX model may have more than the batch);
-    a graph without metadata gets a symbolic dim 0. ``dynamic_batch=False``: none."""
+    a graph without metadata gets a symbolic dim 0. ``dynamic_batch=False``: none. ``dynamic``
+    (dims per input) replaces what the metadata says."""
     dims = _symbolic_dims(gm)
+    if dynamic is not None:
+        dims = [{d: Dim.DYNAMIC for d in ds} or None for ds in dynamic]
     if example_inputs is None:
         leaves: list[Any] = _placeholder_inputs(gm)
         if dims is not None and any(dims) and not dynamic_batch:
@@ -421,6 +430,7 @@ def _lowered(gm: GraphModule, ops: dict[Any, str], custom_ops: bool) -> GraphMod
     graph = torch.fx.Graph()
     graph.set_codegen(gm.graph._codegen)
     env: dict[torch.fx.Node, torch.fx.Node] = {}
+    kn: list[tuple[torch.fx.Node, int]] = []
     for node in gm.graph.nodes:
         new = graph.node_copy(node, lambda n: env[n])
         if new.op == "call_function" and new.target in ops:
@@ -429,11 +439,40 @@ def _lowered(gm: GraphModule, ops: dict[Any, str], custom_ops: bool) -> GraphMod
                 new.target = _custom_node(name, new.target)
             elif (form := _default_form(name)) is not None:
                 new.target = form
+                if name in KN_WEIGHT:
+                    kn.append((new, KN_WEIGHT[name]))
         env[node] = new
     out = GraphModule(gm, graph)
+    _kn_weights(out, kn)
     _rename_colliding_weights(out)
     normalize(out)
     return out
+
+
+def _kn_weights(gm: GraphModule, uses: list[tuple[torch.fx.Node, int]]) -> None:
+    """Hand each int8 GEMM form in ``uses`` (node, position of its weight) the weight
+    transposed, ``w8.T`` [K, N], as a weight of its own (one per weight, shared by the nodes
+    that share it): the file then holds it as an int8 initializer that feeds its
+    DequantizeLinear (axis=1) and the MatMul directly, with no Transpose in between."""
+    made: dict[str, str] = {}
+    for node, index in uses:
+        w = node.args[index]
+        with gm.graph.inserting_before(node):
+            if isinstance(w, torch.fx.Node) and w.op == "get_attr":
+                if w.target not in made:
+                    name = f"{str(w.target).replace('.', '_')}_kn"
+                    while hasattr(gm, name):
+                        name += "_"
+                    gm.register_buffer(name, attr_path(gm, str(w.target)).t().contiguous())
+                    made[str(w.target)] = name
+                new = gm.graph.get_attr(made[str(w.target)])
+            else:  # a weight computed in the graph: transposed there
+                new = gm.graph.call_function(aten.t.default, (w,))
+        node.update_arg(index, new)
+        if isinstance(w, torch.fx.Node) and w.op == "get_attr" and not w.users:
+            gm.graph.erase_node(w)
+    if uses:
+        gm.recompile()
 
 
 _GENERATED_NAME = re.compile(r"val_\d+")
@@ -460,6 +499,7 @@ def export_onnx(
     opset: int | None = None,
     custom_ops: bool = False,
     dynamic_batch: bool = True,
+    uint8_activations: bool = False,
 ) -> Path:
     """Write the optimized graph to ``path`` as ONNX and return the path.
 
@@ -471,17 +511,48 @@ def export_onnx(
     needed for a GraphModule without ``meta["val"]`` on its inputs, and with
     ``dynamic_batch=False`` (they fix the file's batch size); ``opset`` defaults to torch.onnx's
     (18 or newer; 17 works for most graphs, and an opset torch.onnx cannot write is an error).
-    Raises ``OnnxExportError`` on a bad argument, path or translation failure.
+    ``uint8_activations=True`` writes the int8 activations as uint8 with zero point 128 (the
+    same numbers, shifted): ONNX Runtime's x86 CPU provider runs its integer GEMMs on uint8
+    activations, and converts int8 ones itself only where one quantized tensor feeds one
+    layer. Raises ``OnnxExportError`` on a bad argument, path or translation failure.
     """
     gm = _resolve(compiled_or_graph)
-    if is_stateful(gm):
-        written = ", ".join(f"{kind} {target}" for kind, target in effects(gm))
-        raise OnnxExportError(
-            f"graphopt.export_onnx: the model updates state on every call ({written}), and an "
-            "ONNX graph has no state; export a model whose forward does not write its buffers "
-            "or inputs, or save it with graphopt.save"
-        )
+    _check_stateless(gm)
     out = _check_path(path)
+    model = onnx_model(
+        gm,
+        example_inputs=example_inputs,
+        opset=opset,
+        custom_ops=custom_ops,
+        dynamic_batch=dynamic_batch,
+        uint8_activations=uint8_activations,
+    )
+    _save(model, out)
+    return out
+
+
+def onnx_model(
+    compiled_or_graph: torch.nn.Module,
+    *,
+    example_inputs: Any = None,
+    opset: int | None = None,
+    custom_ops: bool = False,
+    dynamic_batch: bool = True,
+    dynamic: Sequence[Sequence[int]] | None = None,
+    uint8_activations: bool = False,
+) -> Any:
+    """The ``onnx.ModelProto`` that :func:`export_onnx` writes, in memory, with the same
+    arguments and checks (it passes ``onnx.checker``; ``OnnxExportError`` otherwise).
+
+    ``dynamic`` (one tuple of dims per graph input, as ``graphopt.backends.Handoff.dynamic``)
+    names the dims that stay symbolic, instead of those that are symbolic in the graph's
+    metadata. Every node the exporter writes carries, in its ``metadata_props``, the FX node of
+    the graph it computes (part of) under ``graphopt.node``; the node whose first output *is*
+    that FX node's value also carries ``graphopt.value`` (see :func:`fx_values`).
+    ``uint8_activations``: see :func:`export_onnx`.
+    """
+    gm = _resolve(compiled_or_graph)
+    _check_stateless(gm)
     if opset is not None and (not isinstance(opset, int) or opset < MIN_OPSET):
         raise OnnxExportError(
             f"graphopt.export_onnx: opset={opset!r}; per-channel QDQ needs opset {MIN_OPSET} or "
@@ -491,15 +562,180 @@ def export_onnx(
     _needs("onnxscript")
     overloads = _all_ops()
     ops = _graph_ops(gm, overloads)
-    args, kwargs, dynamic = _inputs(gm, example_inputs, dynamic_batch)
+    args, kwargs, dims = _inputs(gm, example_inputs, dynamic_batch, dynamic)
     lowered = _lowered(gm, ops, custom_ops)
-    ep = _reexport(lowered, args, kwargs, dynamic)
+    ep = _reexport(lowered, args, kwargs, dims)
     table = _onnx_table(_qdq(overloads))
-    model = _to_onnx(ep, table, opset)
+    program = _to_onnx(ep, table, opset)
+    model = program.model_proto
     _check_opset(model, opset)
-    _check(model, out, custom_ops)
-    _save(model, out)
-    return out
+    if uint8_activations:
+        _uint8_activations(model)
+    _check(model, custom_ops)
+    _name_values(model, program.exported_program, lowered)
+    return model
+
+
+def unexportable(gm: GraphModule) -> str | None:
+    """Why ``gm`` cannot be exported to ONNX (state, or graphopt ops without an ONNX form),
+    without exporting it; None if nothing stands in the way."""
+    try:
+        _check_stateless(gm)
+        _graph_ops(gm, _all_ops())
+    except OnnxExportError as exc:
+        return str(exc).removeprefix("graphopt.export_onnx: ")
+    return None
+
+
+def _check_stateless(gm: GraphModule) -> None:
+    if is_stateful(gm):
+        written = ", ".join(f"{kind} {target}" for kind, target in effects(gm))
+        raise OnnxExportError(
+            f"graphopt.export_onnx: the model updates state on every call ({written}), and an "
+            "ONNX graph has no state; export a model whose forward does not write its buffers "
+            "or inputs, or save it with graphopt.save"
+        )
+
+
+# -- uint8 activations ----------------------------------------------------------------------------
+
+U8_ZERO_POINT = "graphopt_uint8_zero_point"  # the initializer: uint8 128
+# ops an activation's int8 tensor may pass through between its QuantizeLinear and DequantizeLinear
+_INT8_MOVES = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def _uint8_activations(model: Any) -> None:
+    """QuantizeLinear(x, s, int8 0) -> QuantizeLinear(x, s, uint8 128), and the same on every
+    DequantizeLinear that reads an activation: each quantized value shifted by 128, so
+    DequantizeLinear gives the same floats. Left as it is where a quantized activation reaches
+    anything but a data move or a DequantizeLinear (a graph output, say)."""
+    from onnx import numpy_helper
+
+    users: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    starts = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    todo = [n.output[0] for n in starts]
+    reached: list[Any] = []
+    values = set(todo)
+    while todo:
+        name = todo.pop()
+        if name in outputs:
+            return
+        for user in users.get(name, []):
+            if user.op_type == "DequantizeLinear":
+                reached.append(user)
+            elif user.op_type in _INT8_MOVES and user.input[0] == name:
+                todo.append(user.output[0])
+                values.add(user.output[0])
+            else:
+                return
+    zero = numpy_helper.from_array(np.array(128, dtype=np.uint8), U8_ZERO_POINT)
+    model.graph.initializer.append(zero)
+    for node in [*starts, *reached]:
+        node.input[2] = U8_ZERO_POINT
+    kept = [v for v in model.graph.value_info if v.name not in values]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+
+
+# -- ONNX values named after the FX nodes they stand for ------------------------------------------
+
+PART_OF = "graphopt.node"  # on every node: the FX node it computes, or part of it
+VALUE_OF = "graphopt.value"  # on the node whose first output is that FX node's value
+_TORCH_FX_NODE = "pkg.torch.onnx.fx_node"  # torch.onnx's own: the exported program's node
+_FX_NAME = re.compile(r"^%(\S+) :")
+# ops that pass their input's value on unchanged when dtype and shape stay (the ONNX optimizer
+# drops them, so the value of the FX node they end lives in the node before them)
+_PASS_ON = ("to", "_to_copy", "clone", "contiguous", "alias", "view", "reshape", "_unsafe_view")
+
+
+def fx_values(model: Any) -> dict[str, str]:
+    """ONNX value name -> the name of the FX node whose value it is, for a model made by
+    :func:`onnx_model` (from the ``graphopt.value`` marks; values without one are left out)."""
+    values = {}
+    for node in model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == VALUE_OF and node.output:
+                values[node.output[0]] = prop.value
+    return values
+
+
+def _name_values(model: Any, ep: Any, graph: GraphModule) -> None:
+    """Mark the ONNX nodes with the node of ``graph`` each computes (``PART_OF``) and, on the
+    node whose first output is that node's value, ``VALUE_OF``. torch.export records which node
+    each node it traces comes from (``meta["from_node"]``, back to ``graph``'s), and torch.onnx
+    which node of the program ``ep`` it translated each ONNX node from
+    (``pkg.torch.onnx.fx_node``). ``graph``'s nodes have the names of the exported graph."""
+    source = {n.name: _traced_from(n, id(graph.graph)) for n in ep.graph.nodes}
+    finals = _final_nodes(ep, source)
+    onnx_of: dict[str, Any] = {}
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        match = _FX_NAME.match(props.get(_TORCH_FX_NODE, ""))
+        traced = match.group(1) if match else None
+        if traced is None or source.get(traced) is None:
+            continue
+        _set_prop(node, PART_OF, str(source[traced]))
+        onnx_of[traced] = node  # an op written as several ONNX nodes: its result is the last
+    for fx_name, chain in finals.items():
+        node = next((onnx_of[e] for e in chain if e in onnx_of), None)
+        if node is not None:
+            _set_prop(node, VALUE_OF, fx_name)
+
+
+def _traced_from(node: torch.fx.Node, graph_id: int) -> str | None:
+    """The name of the node of the graph ``graph_id`` that ``node`` was traced from, if any."""
+    todo = list(node.meta.get("from_node") or [])
+    while todo:
+        src = todo.pop(0)
+        if getattr(src, "graph_id", None) == graph_id:
+            return str(src.name)
+        todo += list(getattr(src, "from_node", None) or [])
+    return None
+
+
+def _final_nodes(ep: Any, source: dict[str, str | None]) -> dict[str, list[str]]:
+    """FX node -> the exported nodes that may hold its value, best first: the one whose users
+    lie outside the nodes traced from it, then, through ops that pass a value on unchanged,
+    the ones before it."""
+    finals: dict[str, list[str]] = {}
+    for node in ep.graph.nodes:
+        fx_name = source.get(node.name)
+        if fx_name is None or not any(source.get(u.name) != fx_name for u in node.users):
+            continue
+        chain = [node.name]
+        while _passes_on(node) and source.get(node.args[0].name) == fx_name:
+            node = node.args[0]
+            chain.append(node.name)
+        finals.setdefault(fx_name, chain)
+    return finals
+
+
+def _passes_on(node: torch.fx.Node) -> bool:
+    first = node.args[0] if node.args else None
+    if not isinstance(first, torch.fx.Node) or node.target is None:
+        return False
+    if getattr(node.target, "__name__", "").split(".")[0] not in _PASS_ON:
+        return False
+    a, b = node.meta.get("val"), first.meta.get("val")
+    return (
+        isinstance(a, Tensor)
+        and isinstance(b, Tensor)
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+    )
+
+
+def _set_prop(node: Any, key: str, value: str) -> None:
+    for prop in node.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    prop = node.metadata_props.add()
+    prop.key, prop.value = key, value
 
 
 def _qdq(overloads: dict[str, Any]) -> dict[str, Any]:
@@ -529,7 +765,8 @@ def _needs(module: str) -> None:
 
 
 def _to_onnx(ep: Any, table: dict[Any, Callable[..., Any]], opset: int | None) -> Any:
-    """The ONNX ModelProto of ``ep`` (torch.onnx's dynamo exporter, its optimizer included)."""
+    """torch.onnx's ``ONNXProgram`` of ``ep`` (the dynamo exporter, its optimizer included):
+    ``.model_proto`` is the model, ``.exported_program`` the program it translated."""
     printed = io.StringIO()
     try:
         with warnings.catch_warnings(), redirect_stdout(printed):
@@ -550,7 +787,7 @@ def _to_onnx(ep: Any, table: dict[Any, Callable[..., Any]], opset: int | None) -
             "graphopt ops as custom nodes, or report this with the pipeline"
         ) from None
     assert program is not None
-    return program.model_proto
+    return program
 
 
 def _check_opset(model: Any, opset: int | None) -> None:
@@ -566,14 +803,14 @@ def _check_opset(model: Any, opset: int | None) -> None:
         )
 
 
-def _check(model: Any, out: Path, custom_ops: bool) -> None:
+def _check(model: Any, custom_ops: bool) -> None:
     import onnx
 
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
         raise OnnxExportError(
-            f"graphopt.export_onnx: the ONNX model for {out} fails onnx.checker: {first_line(exc)}"
+            f"graphopt.export_onnx: the ONNX model fails onnx.checker: {first_line(exc)}"
             f"{' (custom_ops=True)' if custom_ops else ''}; report this with the pipeline"
         ) from None
 

@@ -16,6 +16,10 @@ its own (not measured against the reference) passes it as ``cuda``.
 
 Compiled models call the ops through :data:`DIRECT` (the same implementations, without the
 dispatcher's Python overhead); :func:`executable` rewrites a graph to do so.
+
+For Inductor on CUDA, :func:`triton_twin` registers an op's Triton kernel a second time, with
+``torch.library.triton_op``, as ``graphopt_triton::<name>``: a custom op is opaque to Inductor,
+a triton_op is not, so Inductor calls the kernel inside its own graph instead of breaking it.
 """
 
 from __future__ import annotations
@@ -71,9 +75,11 @@ class Impl:
         kernel: Fn | None = None,
         why_not: Callable[..., str | None] | None = None,
         cuda: Fn | None = None,
+        fake: Fn | None = None,
     ) -> None:
         self.name, self.reference, self.kernel, self.own_cuda = name, reference, kernel, cuda
         self.why_not = why_not or (_takes_every_call if kernel is not None else _no_kernel)
+        self.fake = fake  # shape and dtype of the result (meta), as registered with the op
 
     def cuda(self) -> Fn:
         """The CUDA implementation: the op's own, else the kernel where it takes the call and
@@ -142,7 +148,7 @@ def define(
         raise ValueError(f"graphopt::{name} is defined twice")
     if cuda is not None and kernel is not None:
         raise ValueError(f"graphopt::{name}: give a Triton kernel or a CUDA implementation")
-    impl = Impl(name, reference, kernel, why_not, cuda)
+    impl = Impl(name, reference, kernel, why_not, cuda, fake)
     op = torch.library.custom_op(f"graphopt::{name}", reference, mutates_args=())
     op.register_fake(fake)
     if kernel is not None or cuda is not None:
@@ -181,3 +187,29 @@ def executable(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             new.target = DIRECT[new.target]
         env[node] = new
     return torch.fx.GraphModule(gm, graph)
+
+
+TRITON_NAMESPACE = "graphopt_triton"
+
+
+@functools.cache
+def triton_twin(name: str) -> torch._ops.OpOverload:
+    """``graphopt_triton::<name>``: the Triton kernel of ``graphopt::<name>`` registered with
+    ``torch.library.triton_op`` (on first use), for Inductor on CUDA: it calls the kernel inside
+    its own graph where a custom op would break it. Same schema and fake as the op; eager, it
+    runs the kernel (the caller has checked ``IMPLS[name].why_not``). Inductor traces the
+    kernel's host wrapper, so the wrapper must launch through ``torch.library.wrap_triton``."""
+    impl = IMPLS.get(name)
+    if impl is None or impl.kernel is None:
+        raise ValueError(f"graphopt::{name} has no Triton kernel to register as a triton_op")
+    kernel = impl.kernel
+
+    # the reference's signature (and type hints: the schema) around the kernel's body
+    @functools.wraps(impl.reference)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return kernel(*args, **kwargs)
+
+    op = torch.library.triton_op(f"{TRITON_NAMESPACE}::{name}", run, mutates_args=())
+    if impl.fake is not None:  # the op's own fake, rather than the kernel run on fake tensors
+        op.register_fake(impl.fake)
+    return getattr(getattr(torch.ops, TRITON_NAMESPACE), name).default

@@ -83,6 +83,10 @@ class PassManager:
     ``run``, batch by batch, never copied (a generator works). A batch shaped unlike the
     example inputs, or a second read, is a ``GraphoptError`` about the data, raised as it is,
     never taken for a bug of the pass that was reading.
+
+    ``engine``: the backend the optimized graph will run on (``PassContext.engine``): a pass
+    that times its rewrites (``int8{measure=true}``) times them only on ``aten``, the executor
+    it can run layer by layer; another engine (or ``auto``) is timed whole, by the backends.
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class PassManager:
         on_event: Event | None = None,
         on_step: StepEvent | None = None,
         calibration: Iterable[Sequence[Any]] | None = None,
+        engine: str = "aten",
     ) -> None:
         if on_fail not in ("rollback", "raise"):
             raise GraphoptError(f"on_fail={on_fail!r}: use 'rollback' (the default) or 'raise'")
@@ -108,7 +113,7 @@ class PassManager:
         self.keep_snapshots = keep_snapshots
         self.on_event = on_event
         self.on_step = on_step
-        self.ctx = PassContext(target=target, budget=RewriteBudget(max_rewrites))
+        self.ctx = PassContext(target=target, engine=engine, budget=RewriteBudget(max_rewrites))
         # set by run(): the report being built and the verifier (None without verification),
         # readable from the hooks while the pipeline runs
         self.report = Report()

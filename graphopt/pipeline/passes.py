@@ -27,9 +27,12 @@ from graphopt.verification.contracts import Contract
 
 @dataclass
 class PassContext:
-    """What a running pass may know: its name, the target, and its rewriter."""
+    """What a running pass may know: its name, the target, the engine, and its rewriter."""
 
     target: str = "cpu"
+    # the backend the optimized graph will run on ("aten": graphopt's own executor, which a
+    # pass may time; another engine compiles the graph its own way, and is timed whole)
+    engine: str = "aten"
     budget: RewriteBudget = field(default_factory=RewriteBudget)
     pass_name: str = ""
     rewriters: list[Rewriter] = field(default_factory=list)

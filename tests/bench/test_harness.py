@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,11 @@ import torch
 
 from graphopt import zoo
 from graphopt.errors import GraphoptError
-from graphopt.tools.bench.command import parse_ints, resolve_models, resolve_modes
+from graphopt.tools.bench.command import Plan, parse_ints, resolve_models, resolve_modes
 from graphopt.tools.bench.inputs import input_sets
-from graphopt.tools.bench.measure import bench_model, output_errors
+from graphopt.tools.bench.measure import SKIPPED, bench_model, default_batch, output_errors
 from graphopt.tools.bench.mode import Runner, Setup
-from graphopt.tools.bench.modes import MODES
+from graphopt.tools.bench.modes import DEFAULT_MODES, EXTERNAL_MODES, MODES
 from graphopt.tools.bench.scaling import growth_exponent
 from graphopt.tools.bench.tables import markdown_table
 from graphopt.tools.bench.timing import Settings
@@ -37,6 +38,46 @@ def test_parse_lists_and_defaults() -> None:
     assert parse_ints("1,4,16") == [1, 4, 16]
     args = build_parser().parse_args(["bench", "--models", "mlp", "--batch", "3", "--depths", ""])
     assert (args.models, args.batch, args.depths, args.device) == ("mlp", 3, "", "cpu")
+
+
+def plan(*argv: str) -> Plan:
+    return Plan.from_args(build_parser().parse_args(["bench", *argv]))
+
+
+def test_full_size_models_run_fewer_modes_at_the_zoo_batch() -> None:
+    default = plan()
+    assert default.modes_for("bert") == DEFAULT_MODES and default.batch_for("bert") == 8
+    for name in ("bert-base", "gpt2", "vit-base"):
+        assert default.modes_for(name) == EXTERNAL_MODES and default.batch_for(name) is None
+    assert default_batch("bert-base") == 4  # the zoo's: 4 x 128 tokens, read without building
+    # (model, mode) pairs, 5 scaling batches x 2 models, 6 depths
+    assert default.steps() == 5 * len(DEFAULT_MODES) + 5 * len(EXTERNAL_MODES) + 5 * 2 + 6
+    # --modes applies to every model, unless --external-modes says otherwise
+    same = plan("--modes", "graphopt-O1", "--external-batch", "2")
+    assert same.modes_for("gpt2") == same.modes_for("gpt") == ["eager", "graphopt-O1"]
+    assert same.batch_for("gpt2") == 2
+    other = plan("--modes", "graphopt-O1", "--external-modes", "onnxruntime")
+    assert other.modes_for("gpt2") == ["eager", "onnxruntime"]
+    assert other.time_limit_s is None and plan("--time-limit", "60").time_limit_s == 60.0
+
+
+def test_no_mode_starts_after_the_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    def sleeper(setup: Setup) -> Runner:
+        time.sleep(0.3)  # outlasts the deadline while it builds: it still finishes
+        return setup.model
+
+    monkeypatch.setitem(MODES, "sleeper", sleeper)
+    deadline = time.perf_counter() + 0.2
+    results = bench_model("mlp", ["eager", "sleeper", "graphopt-O1"], 4, FAST, deadline=deadline)
+    assert [r.status for r in results] == ["ok", "ok", "skipped"]
+    assert results[2].reason == SKIPPED and results[2].latency_ms is None
+    assert results[1].latency_ms > 0  # the modes built in time are still timed
+    assert f"| graphopt-O1 | - | - | - | - | - | - | - | - | skipped: {SKIPPED} |" in (
+        markdown_table(results)
+    )
+    # past the deadline, a model is not even built
+    late = bench_model("gpt2", ["eager"], None, FAST, deadline=time.perf_counter() - 1)
+    assert [(r.status, r.batch, r.inputs) for r in late] == [("skipped", 4, "")]
 
 
 def test_parse_errors_name_the_valid_choices() -> None:

@@ -159,3 +159,19 @@ def test_no_private_name_crosses_a_file() -> None:
                 if name.startswith("_") and target != module:
                     crossing.append(f"{path.relative_to(ROOT)}:{line}: {name} from {target}")
     assert not crossing, "\n".join(crossing)
+
+
+def test_every_package_is_installed() -> None:
+    """pyproject.toml lists every package folder (a missing one works in an editable install and
+    is left out of a wheel)."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join([FOLDERS[folder], *init.parent.relative_to(ROOT / folder).parts])
+        for folder in FOLDERS
+        for init in (ROOT / folder).rglob("__init__.py")
+    }
+    assert found - listed == set(), f"add to [tool.setuptools] packages: {sorted(found - listed)}"

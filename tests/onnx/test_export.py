@@ -142,16 +142,18 @@ def test_int8_exports_as_qdq(name: str, tmp: Path) -> None:
         for n in exported.graph.node
         if n.op_type == "DequantizeLinear" and consts.get(n.input[0], np.float32(0)).ndim >= 2
     ]
-    # one per-channel weight DequantizeLinear per int8 layer: int8 initializer, axis 0, one
-    # scale per output channel, zero points 0
+    # one per-channel weight DequantizeLinear per int8 layer: int8 initializer, one scale per
+    # output channel (axis 1 of a MatMul's [K, N] weight, axis 0 of a Conv's), zero points 0
     assert len(weight_dq) == n_int8
+    users = {i: n for n in exported.graph.node for i in n.input}
     for dq in weight_dq:
         w, scales, zp = (consts[i] for i in dq.input)
         assert w.dtype == np.int8 and np.abs(w.astype(np.int32)).max() <= 127
-        assert (
-            onnx.helper.get_attribute_value(dq.attribute[0]) == 0 and dq.attribute[0].name == "axis"
-        )
-        assert scales.shape == (w.shape[0],) and zp.shape == (w.shape[0],) and not zp.any()
+        axis = {"MatMul": 1, "Conv": 0}[users[dq.output[0]].op_type]
+        assert [(a.name, onnx.helper.get_attribute_value(a)) for a in dq.attribute] == [
+            ("axis", axis)
+        ]
+        assert scales.shape == (w.shape[axis],) and zp.shape == (w.shape[axis],) and not zp.any()
     # activations: QuantizeLinear -> DequantizeLinear with a per-tensor scale and zero point 0
     quants = [n for n in exported.graph.node if n.op_type == "QuantizeLinear"]
     assert quants
@@ -160,21 +162,19 @@ def test_int8_exports_as_qdq(name: str, tmp: Path) -> None:
         assert scale.shape == () and zp.shape == () and zp.dtype == np.int8 and zp == 0
     # each GEMM/convolution weight comes straight from a weight DequantizeLinear, each int8
     # layer's activation from a DequantizeLinear fed by a QuantizeLinear (the QDQ node unit);
-    # GEMMs are 2-D Gemm nodes, so no Transpose splits a weight from its DequantizeLinear
+    # the weight is stored as MatMul takes it, so no Transpose splits it from its
+    # DequantizeLinear
     weight_outputs = {dq.output[0] for dq in weight_dq}
     layers = [
         n
         for n in exported.graph.node
-        if n.op_type in ("Gemm", "MatMul", "Conv") and n.input[1] in weight_outputs
+        if n.op_type in ("MatMul", "Conv") and n.input[1] in weight_outputs
     ]
     assert len(layers) == n_int8
     for layer in layers:
         act = producers[layer.input[0]]
         assert act.op_type == "DequantizeLinear"
-        source = producers[act.input[0]]
-        if source.op_type == "Reshape":  # a >2-D input flattened to rows, in int8
-            source = producers[source.input[0]]
-        assert source.op_type == "QuantizeLinear"
+        assert producers[act.input[0]].op_type == "QuantizeLinear"
     # ONNX Runtime runs it, within the int8 budget of float and close to graphopt's int8 model
     for batch in (BATCH, OTHER_BATCH):
         _, inputs = zoo.get(name, batch=batch)
@@ -183,6 +183,64 @@ def test_int8_exports_as_qdq(name: str, tmp: Path) -> None:
         own = _leaves(compiled(*inputs))
         assert min(metrics.cosine(y, r) for y, r in zip(got, ref)) >= 0.99
         assert min(metrics.cosine(y, r) for y, r in zip(got, own)) >= 0.999
+
+
+class _SharedInput(nn.Module):
+    """Three layers reading one normalized input, as attention's Q, K and V do."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.q(h) * self.k(h) + self.v(h)
+
+
+def test_uint8_activations_run_as_integer_gemms(tmp: Path) -> None:
+    """A quantized activation read by three layers: ONNX Runtime's x86 provider runs them as
+    integer GEMMs only with uint8 activations (it converts int8 ones itself only where one
+    quantized tensor feeds one layer); the numbers are the same, shifted by 128."""
+    torch.manual_seed(0)
+    model, inputs = _SharedInput().eval(), (torch.randn(4, 8, 32),)
+    compiled = graphopt.compile(model, inputs, pipeline=INT8, on_fail="raise")
+    n_int8 = sum(str(n.target).startswith("graphopt.int8") for n in compiled.graph.nodes)
+    assert n_int8 == 3
+    signed = onnx.load(str(graphopt.export_onnx(compiled, tmp / "shared_s8.onnx")))
+    path = graphopt.export_onnx(compiled, tmp / "shared_u8.onnx", uint8_activations=True)
+    unsigned = onnx.load(str(path))
+    consts = _constants(unsigned)
+    for node in unsigned.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[0] not in consts:
+            assert consts[node.input[2]].dtype == np.uint8 and consts[node.input[2]] == 128
+    # MatMulAddFusion would turn the MatMul + bias Add into a float Gemm before the QDQ fuser
+    fused = {
+        key: _ort_ops(exported, disabled=["MatMulAddFusion"]).count("MatMulIntegerToFloat")
+        for key, exported in (("signed", signed), ("unsigned", unsigned))
+    }
+    assert fused == {"signed": 0, "unsigned": 3}
+    other = (torch.randn(6, 8, 32),)
+    for got, want in zip(ort_run(unsigned, other), ort_run(signed, other)):
+        assert metrics.cosine(got, want) >= 0.9999
+
+
+def _ort_ops(model: onnx.ModelProto, disabled: list[str]) -> list[str]:
+    """The op types of ONNX Runtime's optimized form of ``model`` (CPU, every optimization)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = f"{folder}/optimized.onnx"
+        ort.InferenceSession(
+            model.SerializeToString(),
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=disabled,
+        )
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
 
 
 def test_custom_ops_become_graphopt_domain_nodes(tmp: Path) -> None:

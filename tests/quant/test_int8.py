@@ -296,6 +296,23 @@ def test_layer_not_faster_in_int8_stays_float(monkeypatch: pytest.MonkeyPatch) -
     assert run.rewrites == 0
 
 
+def test_measure_times_int8_only_on_the_aten_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under another engine graphopt's own int8 ops are not what runs: measure=true does not
+    time them (the engine is timed whole), so every layer within budget is int8."""
+    from graphopt.ops import autotune
+    from graphopt.pipeline.manager import PassManager
+
+    def int8_slower(key, candidates, device, reps=15):  # type: ignore[no-untyped-def]
+        return "aten", {"aten": 1e-4, "fused": 3e-4}
+
+    monkeypatch.setattr(autotune, "choose", int8_slower)
+    gm = graphopt.capture(Mlp(), (torch.randn(8, 16),))
+    manager = PassManager("int8{calib=minmax}", on_fail="raise", engine="onnxruntime")
+    _, report = manager.run(gm, [torch.randn(8, 16)])
+    layers = int8_record(report).stats["layers"]
+    assert [row["precision"] for row in layers] == ["int8"] * 3
+
+
 # -- calibration data: an argument of the pass manager, read once as a stream --------------------
 
 

@@ -164,8 +164,9 @@ class Int8Planted(Int8):
         layers: list[Layer],
         first_batch: list[Any],
         batches: Iterable[list[Any]],
+        measure: bool = True,
     ) -> list[Layer]:
-        chosen = super().plan(gm, layers, first_batch, batches)
+        chosen = super().plan(gm, layers, first_batch, batches, measure)
         # the plan saw the right scale; the rewrite gets the wrong one
         if not fixed() and len(layers) >= self.wrong_layer:
             layer = layers[self.wrong_layer - 1]

@@ -6,10 +6,12 @@ on the GPU timings come from ``triton.testing.do_bench``. Every mode's outputs a
 eager fp32 (max abs, relative L2, cosine). A mode that cannot run is reported with its reason.
 
 One module per concern, each importing only those listed before it: ``mode`` (what a mode is),
-``inputs``, ``timing``, ``onnx_modes`` and ``modes`` (the modes by name), ``measure`` (one model,
-every mode), ``scaling``, ``environment``, ``tables``, ``report`` (json and markdown), ``plots``,
-``page`` (the docs page), ``kernels`` (kernel microbenchmarks) and ``command`` (the options and the
-run). Models are the zoo's (``graphopt.zoo``), selected by name.
+``inputs``, ``timing``, ``onnx_modes`` and ``modes`` (the modes by name, graphopt's on each
+backend), ``measure`` (one model, every mode), ``scaling``, ``environment``, ``tables``,
+``targets`` (issue 15's targets, judged), ``report`` (json and markdown), ``plots``, ``page`` (the
+docs page), ``kernels`` (kernel microbenchmarks) and ``command`` (the options and the run). Models
+are the zoo's (``graphopt.zoo``), selected by name. ``tools/gpu_check.sh`` runs the GPU-marked
+tests and a GPU run of this benchmark in one bounded step each.
 """
 
 from graphopt.tools.bench.command import add_arguments, run

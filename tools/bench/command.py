@@ -1,14 +1,17 @@
 """``graphopt bench``: its options, their parsing, and the run that measures and writes everything.
 
 The run writes results.json, results.md and the plots into ``--out``, and with ``--docs`` the
-documentation page; it prints the main table.
+documentation page; it prints the main table, issue 15's targets and the backends graphopt tried.
+The zoo's own models run at ``--batch``; the full-size ones (``zoo.EXTERNAL``: BERT-base, GPT-2,
+ViT-base, ...) at the zoo's batch and sequence length, with fewer modes (``EXTERNAL_MODES``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,11 @@ from graphopt.errors import GraphoptError
 from graphopt.tools.bench import kernels, page, plots
 from graphopt.tools.bench.environment import environment
 from graphopt.tools.bench.measure import bench_model
-from graphopt.tools.bench.modes import DEFAULT_MODES, GPU_EXTRA_MODES, MODES
+from graphopt.tools.bench.modes import DEFAULT_MODES, EXTERNAL_MODES, GPU_EXTRA_MODES, MODES
 from graphopt.tools.bench.report import BenchReport
 from graphopt.tools.bench.scaling import batch_scaling, compile_scaling, growth_exponent
-from graphopt.tools.bench.tables import markdown_table
+from graphopt.tools.bench.tables import backend_table, markdown_table
+from graphopt.tools.bench.targets import targets_table
 from graphopt.tools.bench.timing import Settings
 
 # -- options ---------------------------------------------------------------------------------------
@@ -42,8 +46,30 @@ def add_arguments(p: Any) -> None:
         default=None,
         help=f"comma-separated; default {','.join(DEFAULT_MODES)} (+GPU modes on cuda)",
     )
+    p.add_argument(
+        "--external-modes",
+        default=None,
+        help="modes of the full-size models (zoo.EXTERNAL); default those of --modes when it is "
+        f"given, else {','.join(EXTERNAL_MODES)}",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--batch", type=int, default=8, help="batch size of the main table")
+    p.add_argument(
+        "--batch", type=int, default=8, help="batch size of the zoo's own models in the main table"
+    )
+    p.add_argument(
+        "--external-batch",
+        type=int,
+        default=None,
+        help="batch size of the full-size models (default the zoo's: 4; BERT-base and GPT-2 at "
+        "128 tokens, ViT-base at 224x224)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds after which no new mode starts: the rest is reported as skipped, and "
+        "every table is still written (default: none)",
+    )
     p.add_argument(
         "--out", default="bench-out", help="folder for results.json, results.md and plots"
     )
@@ -142,10 +168,14 @@ class Plan:
     scaling_models: list[str]
     scaling_modes: list[str]
     depths: list[int]
+    external_modes: list[str] = field(default_factory=list)
+    external_batch: int | None = None  # None: the zoo's own
+    time_limit_s: float | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> Plan:
         batches = parse_ints(args.scaling_batches) if args.scaling_batches else []
+        external = args.external_modes or args.modes or ",".join(EXTERNAL_MODES)
         return cls(
             models=resolve_models(args.models),
             modes=resolve_modes(args.modes, args.device),
@@ -154,12 +184,22 @@ class Plan:
             scaling_models=resolve_models(args.scaling_models) if batches else [],
             scaling_modes=resolve_modes(args.scaling_modes, args.device) if batches else [],
             depths=parse_ints(args.depths) if args.depths else [],
+            external_modes=resolve_modes(external, args.device),
+            external_batch=args.external_batch,
+            time_limit_s=args.time_limit,
         )
+
+    def modes_for(self, model: str) -> list[str]:
+        return self.external_modes if model in zoo.EXTERNAL else self.modes
+
+    def batch_for(self, model: str) -> int | None:
+        """``model``'s batch size in the main table (None: the zoo's own)."""
+        return self.external_batch if model in zoo.EXTERNAL else self.batch
 
     def steps(self) -> int:
         """Progress steps: one per (model, mode), per scaled (model, batch), per depth."""
         return (
-            len(self.models) * len(self.modes)
+            sum(len(self.modes_for(m)) for m in self.models)
             + len(self.scaling_batches) * len(self.scaling_models)
             + len(self.depths)
         )
@@ -186,30 +226,66 @@ def run(args: Any, console: Any) -> int:
     plan = Plan.from_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = measure(plan, settings, console)
+    # results.json and results.md are rewritten after every model: a run stopped from outside
+    # (a time bound, a crash) leaves what it measured so far
+    report = measure(plan, settings, console, lambda partial: write_results(partial, out))
     report.kernels, report.kernels_note = kernels.kernel_results(args.kernels, settings.device)
     written = write(report, out)
     if args.docs:
         page.write_docs(Path(args.docs), report, written, args)
-    console.print(markdown_table(report.results), markup=False, highlight=False)
+    for table in _summary(report):
+        # soft_wrap: a table line stays one line at any terminal width (and in logs)
+        console.print(table, markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(written)} plot(s)")
     return 0
 
 
-def measure(plan: Plan, settings: Settings, console: Any) -> BenchReport:
-    """Every measurement of ``plan`` but the kernels, with a progress bar on ``console``."""
+def _summary(report: BenchReport) -> list[str]:
+    """What the run prints: the main table (compile time included), the targets, the backends."""
+    tables = [markdown_table(report.results)]
+    targets = targets_table(report.results, report.env.get("device_kind", "cpu"))
+    if targets:
+        tables.append("Targets (issue 15)\n" + targets)
+    if any(r.backends for r in report.results):
+        tables.append("Backends tried by graphopt\n" + backend_table(report.results))
+    return tables
+
+
+def measure(
+    plan: Plan,
+    settings: Settings,
+    console: Any,
+    on_model: Callable[[BenchReport], None] | None = None,
+) -> BenchReport:
+    """Every measurement of ``plan`` but the kernels, with a progress bar on ``console``; no
+    mode starts once ``plan.time_limit_s`` has passed. ``on_model`` sees the report so far after
+    each model of the main table."""
     report = BenchReport(environment(settings), [])
+    limit = plan.time_limit_s
+    deadline = None if limit is None else time.perf_counter() + limit
     with _progress(console, plan.steps()) as step:
         for name in plan.models:
             report.results += bench_model(
-                name, plan.modes, plan.batch, settings, lambda m, n=name: step(f"{n}: {m}")
+                name,
+                plan.modes_for(name),
+                plan.batch_for(name),
+                settings,
+                lambda m, n=name: step(f"{n}: {m}"),
+                deadline,
             )
+            if on_model:
+                on_model(report)
         if plan.scaling_batches:
             report.batch_scaling = batch_scaling(
-                plan.scaling_models, plan.scaling_modes, plan.scaling_batches, settings, step
+                plan.scaling_models,
+                plan.scaling_modes,
+                plan.scaling_batches,
+                settings,
+                step,
+                deadline,
             )
         if plan.depths:
-            report.compile_scaling = compile_scaling(plan.depths, settings, step)
+            report.compile_scaling = compile_scaling(plan.depths, settings, step, deadline)
             report.compile_exponent = growth_exponent(
                 [r["nodes"] for r in report.compile_scaling],
                 [r["compile_s"] for r in report.compile_scaling],
@@ -224,9 +300,14 @@ def write(report: BenchReport, out: Path) -> list[Path]:
         written.append(plots.batch_plot(report.batch_scaling, out / "latency_vs_batch.png"))
     if report.compile_scaling:
         written.append(plots.compile_plot(report.compile_scaling, out / "compile_vs_depth.png"))
-    (out / "results.json").write_text(report.to_json())
-    (out / "results.md").write_text(report.to_markdown([p.name for p in written]))
+    write_results(report, out, [p.name for p in written])
     return written
+
+
+def write_results(report: BenchReport, out: Path, plot_names: Sequence[str] = ()) -> None:
+    """results.json and results.md (linking ``plot_names``) into ``out``."""
+    (out / "results.json").write_text(report.to_json())
+    (out / "results.md").write_text(report.to_markdown(plot_names))
 
 
 @contextlib.contextmanager

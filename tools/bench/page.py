@@ -20,17 +20,26 @@ METHOD = (
     "compile time is measured after `torch._dynamo.reset()`, but Inductor's on-disk cache from "
     "earlier runs on the machine may still serve it. Models from torchvision and Hugging Face "
     "are built from their configs with random weights when those packages are installed, and "
-    "reported unavailable otherwise."
+    "reported unavailable otherwise; they run at the zoo's batch and sequence length (see the "
+    "models table) with the modes the targets compare. `graphopt-O2-<backend>` compiles with "
+    "`graphopt.compile(..., pipeline='-O2', backend=<backend>)`; `auto` builds every backend "
+    "available, verifies each against the float64 reference and keeps the fastest, and its "
+    "compile time includes all of that. `graphopt-O2-int8-<backend>` is `-O2,int8` calibrated on "
+    "8 random batches; on the CPU, under a backend other than aten, with `int8{measure=false}` "
+    "(the int8 pass's own speed check times graphopt's reference int8 ops, not the engine's)."
 )
 
 GPU_TARGETS = (
     "generated pointwise and norm kernels at 64M elements against device-to-device copy "
-    "bandwidth (target: at least 90%)",
+    "bandwidth (target: at least 90%; `graphopt bench --device cuda --kernels yes`)",
     "GEMM with fused epilogue against cuBLAS GEMM plus a separate epilogue on BERT-base and "
-    "GPT-2 shapes (target: faster)",
-    "graphopt -O2 fp16 (`graphopt-O2-fp16`) end to end against `torch.compile-fp16` on the zoo "
-    "and on HF BERT-base, GPT-2 small and torchvision ResNet-50 (target: no slower)",
-    "compile time of graphopt -O2 against torch.compile on the same models (target: at most half)",
+    "GPT-2 shapes (target: faster; the same run)",
+    "graphopt -O2 fp16 with `backend=auto` (`graphopt-O2-fp16-auto`) and `-O2,int8` with "
+    "`auto` end to end against `torch.compile-fp16` on the zoo and on HF BERT-base and GPT-2 "
+    "small, every backend in auto's table (target: no slower; `tools/gpu_check.sh` measures "
+    "them with the GPU-marked tests and writes docs/bench/gpu/)",
+    "compile time of graphopt -O2 with `auto` against torch.compile on the same models "
+    "(target: within 2x; the same script)",
 )
 
 
@@ -41,8 +50,9 @@ def write_docs(page: Path, report: BenchReport, plots: Sequence[Path], args: Any
     page.write_text(
         "# Benchmarks\n\n"
         "Written by `graphopt bench` (tools/bench/); every figure below was measured in the run it "
-        "describes. GPU figures appear only after a run with `--device cuda` on a GPU machine; until "
-        "then they are unmeasured.\n\n"
+        "describes. GPU figures appear only after a run with `--device cuda` on a GPU machine "
+        "(`tools/gpu_check.sh` writes them into [bench/gpu/](bench/gpu/results.md)); until then "
+        "they are unmeasured.\n\n"
         f"Reproduce:\n\n```bash\n{reproduce_command(args)} --docs {page}\n```\n\n"
         f"{METHOD}\n\n"
         "## Latest run\n\n" + report.to_markdown(rel) + unmeasured_note(report)

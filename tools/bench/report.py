@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.tools.bench.measure import Result
-from graphopt.tools.bench.tables import compile_table, kernel_table, markdown_table
+from graphopt.tools.bench.tables import (
+    backend_table,
+    compile_table,
+    kernel_table,
+    markdown_table,
+    models_table,
+)
+from graphopt.tools.bench.targets import targets_table
 
 
 @dataclass
@@ -32,9 +39,23 @@ class BenchReport:
         parts = [
             f"Measured {env['date']} on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
             f"onnxruntime {env['onnxruntime']}, python {env['python']}. Method: {env['method']}.\n",
-            "Error columns compare each mode's outputs with eager fp32 on the same input.\n",
+            "Models (random weights; the full-size ones at the zoo's batch and sequence length):\n",
+            models_table(self.results),
+            "Error columns compare each mode's outputs with eager fp32 on the same input; "
+            "`backend` is the engine a graphopt mode runs on.\n",
             markdown_table(self.results),
         ]
+        targets = targets_table(self.results, env.get("device_kind", "cpu"))
+        if targets:
+            parts += ["\n### Targets (issue 15)\n", targets]
+        if any(r.backends for r in self.results):
+            parts += [
+                "\n### Backends tried by graphopt\n",
+                "Each candidate engine of a graphopt mode, as its compile report has it: median "
+                "on the example inputs (the candidates timed in turns at compile time), error "
+                "against float64, kept / passed / rejected / unavailable and why.\n",
+                backend_table(self.results),
+            ]
         if self.batch_scaling:
             parts += ["\n### Latency against batch size\n", markdown_table(self.batch_scaling)]
         if self.compile_scaling:

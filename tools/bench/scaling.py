@@ -20,23 +20,30 @@ def batch_scaling(
     batches: Sequence[int],
     settings: Settings,
     progress: Callable[[str], None],
+    deadline: float | None = None,
 ) -> list[Result]:
-    """Every mode of every model at every batch size."""
+    """Every mode of every model at every batch size (none started after ``deadline``)."""
     out = []
     for name in models:
         for batch in batches:
             progress(f"batch scaling: {name} batch {batch}")
-            out += bench_model(name, modes, batch, settings)
+            out += bench_model(name, modes, batch, settings, deadline=deadline)
     return out
 
 
 def compile_scaling(
-    depths: Sequence[int], settings: Settings, progress: Callable[[str], None]
+    depths: Sequence[int],
+    settings: Settings,
+    progress: Callable[[str], None],
+    deadline: float | None = None,
 ) -> list[dict[str, Any]]:
-    """graphopt -O1 compile time (and graph size) for zoo GPT decoders of growing depth."""
+    """graphopt -O1 compile time (and graph size) for zoo GPT decoders of growing depth, up to
+    the first depth that would start after ``deadline``."""
     rows = []
     for depth in depths:
         progress(f"compile scaling: gpt with {depth} layers")
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         model, inputs = zoo.gpt(batch=2, layers=depth)
         model, inputs = model.to(settings.device), to_device(inputs, settings.device)
         t0 = time.perf_counter()

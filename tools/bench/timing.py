@@ -71,7 +71,8 @@ def _time_turn(
 
 
 def _summary(times: list[float]) -> Timing:
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    # inclusive: p10 and p90 stay within the times measured (exclusive extrapolates past them)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return Timing(statistics.median(times), q[0], q[-1], len(times))
 
 
