@@ -68,8 +68,9 @@ class InputSignature:
                 out.append((i, dtype, spec.device, len(spec.shape), static))
         return tuple(out)
 
-    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Raise InputMismatchError unless the call matches; cheap when it does."""
+    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """Raise InputMismatchError unless the call matches; cheap when it does. Returns the
+        call's leaves (``pytree.tree_leaves((args, kwargs))``)."""
         if len(args) != self.n_args:
             raise InputMismatchError(
                 f"compiled model called with {len(args)} positional argument(s), expected "
@@ -80,7 +81,9 @@ class InputSignature:
                 f"compiled model called with keyword arguments {sorted(kwargs)}, expected "
                 f"{list(self.kwarg_names)}"
             )
-        leaves = pytree.tree_leaves((args, kwargs))
+        # positional tensors only (the common call): they are the leaves, without pytree
+        plain = not kwargs and all(type(a) is torch.Tensor for a in args)
+        leaves = list(args) if plain else pytree.tree_leaves((args, kwargs))
         if len(leaves) != len(self.leaves):
             raise InputMismatchError(
                 f"compiled model called with {len(leaves)} input tensors/values in its arguments' "
@@ -105,6 +108,7 @@ class InputSignature:
                         f"inputs {batch[0]} and {i} must have the same batch size (dim 0), as in "
                         f"example_inputs; got {batch[1]} and {leaf.shape[0]}"
                     )
+        return leaves
 
     def _mismatch(self, i: int, leaf: Any) -> InputMismatchError:
         spec = self.leaves[i]

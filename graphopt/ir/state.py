@@ -185,13 +185,21 @@ class StateBinding:
         }
 
     def __call__(
-        self, fn: Any, gm: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        fn: Any,
+        gm: GraphModule,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        plain: bool = False,
     ) -> Any:
-        leaves = (
-            pytree.tree_leaves((args, kwargs))
-            if self.in_spec is None
-            else _flatten((args, kwargs), self.in_spec)
-        )
+        """``plain``: the caller has checked that ``args`` are tensors and there are no
+        ``kwargs``, so they are the flat inputs as they are (no pytree on the hot path)."""
+        if plain:
+            leaves = list(args)
+        elif self.in_spec is None:
+            leaves = pytree.tree_leaves((args, kwargs))
+        else:
+            leaves = _flatten((args, kwargs), self.in_spec)
         state = [attr_path(gm, t) for t in self.buffers]
         outs = list(fn(*leaves, *state))
         n = len(outs) - len(self.effects)

@@ -56,7 +56,8 @@ class CompiledModule(torch.nn.Module):
         with torch.no_grad():  # compiled models are for inference: weights are folded constants
             if self._state is not None:
                 run = self.engine.run if self.engine is not None else self._exec
-                return self._state(run, self.gm, args, kwargs)
+                plain = not kwargs and all(type(a) is torch.Tensor for a in args)
+                return self._state(run, self.gm, args, kwargs, plain)
             return self._exec(*args, **kwargs)
 
     @property
@@ -82,6 +83,14 @@ def save(compiled: CompiledModule, path: str | Path) -> None:
         raise SerializationError(
             f"graphopt.save expects what graphopt.compile returned, got {type(compiled).__name__}"
         )
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise SerializationError(
+            f"graphopt.save: the folder {path.parent} does not exist; create it first, or save "
+            "somewhere that exists"
+        )
+    if path.is_dir():
+        raise SerializationError(f"graphopt.save: {path} is a folder; give a file path")
     sig = compiled.signature
     if any(s is None for s in sig.leaves):
         raise SerializationError(
@@ -123,11 +132,17 @@ def save(compiled: CompiledModule, path: str | Path) -> None:
             "dynamic_batch": sig.dynamic_batch,
         },
     }
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("graphopt.json", json.dumps(meta, indent=1))
-        zf.writestr("program.pt2", buffer.getvalue())
-        for name, data in payload.items():  # what the backend rebuilds its engine from
-            zf.writestr(f"backend/{name}", data)
+    try:
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("graphopt.json", json.dumps(meta, indent=1))
+            zf.writestr("program.pt2", buffer.getvalue())
+            for name, data in payload.items():  # what the backend rebuilds its engine from
+                zf.writestr(f"backend/{name}", data)
+    except OSError as exc:
+        raise SerializationError(
+            f"graphopt.save could not write {path}: {exc.strerror or exc}; check that the "
+            "folder is writable and has space"
+        ) from None
 
 
 def load(path: str | Path) -> CompiledModule:
@@ -158,16 +173,24 @@ def load(path: str | Path) -> CompiledModule:
             "the model and save it again"
         ) from None
     gm = graph_of(ep, str(path))
-    s = meta["signature"]
-    sig = InputSignature(
-        s["n_args"],
-        tuple(s["kwarg_names"]),
-        tuple(TensorSpec(d["dtype"], tuple(d["shape"]), d["device"]) for d in s["leaves"]),
-        s["dynamic_batch"],
-        s.get("shared_batch", False),
-    )
+    try:
+        s = meta["signature"]
+        sig = InputSignature(
+            s["n_args"],
+            tuple(s["kwarg_names"]),
+            tuple(TensorSpec(d["dtype"], tuple(d["shape"]), d["device"]) for d in s["leaves"]),
+            s["dynamic_batch"],
+            s.get("shared_batch", False),
+        )
+        pipeline, target = meta["pipeline"], meta["target"]
+    except (KeyError, TypeError) as exc:
+        missing = f"has no {exc}" if isinstance(exc, KeyError) else f"is malformed ({exc})"
+        raise SerializationError(
+            f"graphopt.load: the metadata (graphopt.json) of {path} {missing}; the file was not "
+            "written by graphopt.save or was edited: recompile the model and save it again"
+        ) from None
     engine = _load_engine(gm, sig, meta, payload, path)
-    return CompiledModule(gm, sig, pipeline=meta["pipeline"], target=meta["target"], engine=engine)
+    return CompiledModule(gm, sig, pipeline=pipeline, target=target, engine=engine)
 
 
 def _load_engine(

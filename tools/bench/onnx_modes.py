@@ -54,8 +54,9 @@ def ort_on_export(build: Mode) -> Mode:
 
 
 def _original_onnx(s: Setup) -> Path:
-    """The model as torch.onnx.export writes it (TorchScript exporter, symbolic batch), once per
-    setup: the ONNX modes all start from this one file."""
+    """The model as torch.onnx.export writes it (TorchScript exporter, symbolic batch; the
+    dynamo exporter where TorchScript cannot trace the model), once per setup: the ONNX modes
+    all start from this one file."""
     if s.device != "cpu":
         raise ModeUnavailable("the ONNX modes are measured on the CPU only (no onnxruntime-gpu)")
     cached = _ORIGINAL_ONNX.get(id(s))
@@ -71,7 +72,19 @@ def _original_onnx(s: Setup) -> Path:
                 s.model, s.inputs, str(path), input_names=names, dynamic_axes=dynamic, dynamo=False
             )
         except Exception as exc:
-            raise RuntimeError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from None
+            # transformers 5's models no longer trace with TorchScript ("got multiple values for
+            # argument 'use_cache'"): torch.onnx's dynamo exporter (its default since torch 2.9)
+            # is what a user gets there
+            try:
+                torch.onnx.export(
+                    s.model, s.inputs, str(path), input_names=names, dynamic_axes=dynamic,
+                    dynamo=True,
+                )  # fmt: skip
+            except Exception as again:
+                raise RuntimeError(
+                    f"torch.onnx.export failed: TorchScript: {type(exc).__name__}: {exc}; "
+                    f"dynamo: {type(again).__name__}: {again}"
+                ) from None
     _ORIGINAL_ONNX.clear()  # one model at a time: the previous setup's file is not needed
     _ORIGINAL_ONNX[id(s)] = (s, path)
     return path
