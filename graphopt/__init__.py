@@ -23,7 +23,7 @@ from graphopt.errors import (
 )
 from graphopt.export.onnx import export_onnx
 from graphopt.frontends.capture import capture
-from graphopt.frontends.exported import StaticShapeWarning
+from graphopt.frontends.exported import StaticShapeWarning, TrainModeWarning
 from graphopt.frontends.onnx_import import OnnxModule, load_onnx
 from graphopt.ir.graph import format_graph, propagate_meta
 from graphopt.ir.rewriter import Rewriter, apply_rules
@@ -80,6 +80,7 @@ __all__ = [
     "Rewriter",
     "SerializationError",
     "StaticShapeWarning",
+    "TrainModeWarning",
     "UnsupportedOpError",
     "apply_rules",
     "export_onnx",

@@ -137,6 +137,15 @@ def flat_batches(
     """Calibration batches as the pass manager takes them: each batch (a tensor or a tuple of
     positional inputs, like ``example_inputs``) flattened with the example ``kwargs``, lazily:
     ``batches`` is read as the result is, once."""
+    if not isinstance(batches, Iterable) or isinstance(batches, (str, bytes, torch.Tensor)):
+        raise GraphoptError(
+            f"calibration_data is a {type(batches).__name__}; give an iterable of batches (a "
+            "list, a generator or a DataLoader), each shaped like the example inputs"
+        )
+    return _flat_batches(batches, kwargs)
+
+
+def _flat_batches(batches: Iterable[Any], kwargs: dict[str, Any] | None) -> Iterator[list[Any]]:
     for index, batch in enumerate(batches):
         if not isinstance(batch, (torch.Tensor, tuple, list)):
             raise GraphoptError(

@@ -373,6 +373,9 @@ def run(args: argparse.Namespace, load_model: debug.LoadModel) -> int:
     calibrated = f"  calibration {args.calib}" if args.calib else ""
     out(f"{args.model}  pipeline {args.pipeline}{calibrated}")
     out(verdict.to_text())
+    if args.repro is not None and verdict.repro is None:
+        why = "no pass broke its contract" if not verdict.failed else "the failure left no step"
+        out(f"no repro written to {args.repro}: {why}, so there is nothing to reproduce")
     folder = debug.write_folder(args, out)
     (folder / "verdict.json").write_text(json.dumps(verdict.to_json(), indent=2) + "\n")
     out(f"debug output written to {folder}")

@@ -78,7 +78,7 @@ def report_table(title: str, report: Report) -> Table:
         "dynamic batch" if report.capture.get("dynamic_batch") else "static shapes",
     )
     for r in report.records:
-        table.add_row(r.name, f"{r.time_s * 1e3:.1f} ms", f"{r.nodes_before} -> {r.nodes_after}",
+        table.add_row(r.name, f"{r.time_s * 1e3:.1f} ms", r.nodes_text(),
                       str(r.rewrites), "-" if r.error is None else f"{r.error:.2e}", _status(r))  # fmt: skip
     return table
 
@@ -119,11 +119,15 @@ def compile_and_report(
         )
     )
     # why (not) fused; per-layer tables (int8, pruning); the backends tried
+    # one line per reason, never wrapped mid-phrase (a terminal that is too narrow cuts it)
     for text in (report.rule_text(), report.layer_text(), report.backend_text()):
         if text:
-            console.print(text, markup=False, highlight=False)
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
     for w in caught:
-        if issubclass(w.category, (graphopt.EquivalenceWarning, graphopt.StaticShapeWarning)):
+        if issubclass(
+            w.category,
+            (graphopt.EquivalenceWarning, graphopt.StaticShapeWarning, graphopt.TrainModeWarning),
+        ):
             console.print(f"[yellow]warning:[/yellow] {w.message}")
     return compiled
 
@@ -140,9 +144,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         console.print(f"saved to {args.save} (load with graphopt.load)")
     if args.onnx:
         graphopt.export_onnx(compiled, args.onnx)
-        console.print(
-            f"exported to {args.onnx} (ONNX; int8 layers as QuantizeLinear/DequantizeLinear)"
-        )
+        int8 = sum(str(n.target).startswith("graphopt.int8") for n in compiled.gm.graph.nodes)
+        qdq = f"; its {int8} int8 layers as QuantizeLinear/DequantizeLinear" if int8 else ""
+        console.print(f"exported to {args.onnx} (ONNX{qdq})")
     return 0
 
 
@@ -202,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     p = sub.add_parser("compile", help="compile a model and print the per-pass report")
-    p.add_argument("model", help=f"zoo name ({', '.join(zoo.ZOO)}) or path/to/file.py:factory")
+    p.add_argument(
+        "model",
+        help=f"zoo name ({', '.join(zoo.ZOO)}), path/to/file.py:factory (factory() returns "
+        "(model, example_inputs)) or path/to/model.onnx (inputs synthesized from its types)",
+    )
     p.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
     p.add_argument(
         "--save", default=None, help="write the compiled model here (graphopt.load reads it)"
@@ -225,10 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(p)
     p.set_defaults(func=lambda a: bench.run(a, console))
 
+    bisect_line = (
+        "graphopt debug bisect MODEL --pipeline ... [--repro DIR]: find the first pass that "
+        "breaks its contract, the rewrite inside it and the first diverging node (see "
+        "'graphopt debug bisect --help')"
+    )
     p = sub.add_parser(
         "debug",
         help="print IR, diffs, statistics, timing and per-node error, pass by pass "
         "('graphopt debug bisect MODEL' finds the breaking pass, rewrite and node)",
+        description="Run a pipeline pass by pass and print what each did. Sub-action: "
+        + bisect_line,
+        epilog=bisect_line,
     )
     debug.add_arguments(p)
     p.set_defaults(func=lambda a: debug.run(a, load_model))

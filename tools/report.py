@@ -420,7 +420,7 @@ def _timeline(report: Report) -> str:
         status = r.status.replace(" ", "-")
         tip = (
             f"{r.name}: pass {r.time_s * 1e3:.2f} ms + verify {r.verify_s * 1e3:.2f} ms, "
-            f"nodes {r.nodes_before} -> {r.nodes_after}, rewrites {r.rewrites}, "
+            f"nodes {r.nodes_text()}, rewrites {r.rewrites}, "
             f"error vs f64 {_num(r.error)}, {r.status}"
         )
         bars.append(
@@ -434,7 +434,7 @@ def _timeline(report: Report) -> str:
             r.contract,
             f"{r.time_s * 1e3:.2f}",
             f"{r.verify_s * 1e3:.2f}",
-            f"{r.nodes_before} -> {r.nodes_after}",
+            r.nodes_text(),
             str(r.rewrites),
             _num(r.error),
         ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import logging
 import os
 import re
 import warnings
@@ -514,7 +515,8 @@ def export_onnx(
     ``uint8_activations=True`` writes the int8 activations as uint8 with zero point 128 (the
     same numbers, shifted): ONNX Runtime's x86 CPU provider runs its integer GEMMs on uint8
     activations, and converts int8 ones itself only where one quantized tensor feeds one
-    layer. Raises ``OnnxExportError`` on a bad argument, path or translation failure.
+    layer. A model imported from ONNX keeps its file's input and output names. Raises
+    ``OnnxExportError`` on a bad argument, path or translation failure.
     """
     gm = _resolve(compiled_or_graph)
     _check_stateless(gm)
@@ -527,8 +529,34 @@ def export_onnx(
         dynamic_batch=dynamic_batch,
         uint8_activations=uint8_activations,
     )
+    _keep_source_names(model, gm.meta.get("graphopt_capture") or {})
     _save(model, out)
     return out
+
+
+def _keep_source_names(model: Any, info: dict[str, Any]) -> None:
+    """An imported ONNX model's own input and output names (``info`` is the capture's record)
+    in place of torch.export's (``args_0``, ...), where the counts agree and the name is free."""
+    graph = model.graph
+    for values, names in ((graph.input, info.get("input_names")), (graph.output, info.get("output_names"))):  # fmt: skip
+        if not names or len(names) != len(values):
+            continue
+        for value, name in zip(values, names):
+            _rename_value(graph, value.name, name)
+
+
+def _rename_value(graph: Any, old: str, new: str) -> None:
+    """Rename the value ``old`` to ``new`` throughout ``graph`` (not if ``new`` is taken)."""
+    taken = {i.name for i in graph.initializer} | {v.name for v in graph.input}
+    taken |= {o for n in graph.node for o in n.output} | {v.name for v in graph.output}
+    if old == new or new in taken:
+        return
+    for node in graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+        node.output[:] = [new if o == old else o for o in node.output]
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.name == old:
+            value.name = new
 
 
 def onnx_model(
@@ -768,6 +796,11 @@ def _to_onnx(ep: Any, table: dict[Any, Callable[..., Any]], opset: int | None) -
     """torch.onnx's ``ONNXProgram`` of ``ep`` (the dynamo exporter, its optimizer included):
     ``.model_proto`` is the model, ``.exported_program`` the program it translated."""
     printed = io.StringIO()
+    # torch.onnx logs "torchvision is not installed. Skipping torchvision::nms" (and three more)
+    # while it builds its op table: noise about ops no graphopt graph holds
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), redirect_stdout(printed):
             warnings.simplefilter("ignore")
@@ -786,6 +819,8 @@ def _to_onnx(ep: Any, table: dict[Any, Callable[..., Any]], opset: int | None) -
             f"{type(exc).__name__}: {first_line(exc)}. Export with custom_ops=True to keep "
             "graphopt ops as custom nodes, or report this with the pipeline"
         ) from None
+    finally:
+        registration.setLevel(level)
     assert program is not None
     return program
 

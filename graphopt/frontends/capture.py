@@ -25,6 +25,7 @@ from graphopt.errors import CaptureError, first_line
 from graphopt.frontends import onnx_import
 from graphopt.frontends.exported import (
     StaticShapeWarning,
+    TrainModeWarning,
     as_args,
     batch_dims,
     export_program,
@@ -47,6 +48,25 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+# layers whose train() behaviour differs from eval(): batch statistics, dropout
+_TRAIN_DIFFERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
+
+
+def _warn_if_training(model: torch.nn.Module, name: str) -> None:
+    """Say once that a model left in train() mode is captured with its eval-mode behaviour,
+    where that changes what it computes (batch norm, dropout); silent otherwise."""
+    layers = [n or name for n, m in model.named_modules() if m.training and isinstance(m, _TRAIN_DIFFERS)]  # fmt: skip
+    if layers:
+        shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+        warnings.warn(
+            f"{name} is in train() mode: graphopt optimizes for inference and captured it in eval "
+            f"mode, so {shown} use running statistics / no dropout, and the compiled model "
+            "differs from this model called in train mode. Call model.eval() first to say so.",
+            TrainModeWarning,
+            stacklevel=4,
+        )
 
 
 def source_of(model: Any, example_inputs: Any = None) -> tuple[torch.nn.Module, Any]:
@@ -93,6 +113,7 @@ def capture(
     # every run below works on copies: the user's inputs and buffers are never written
     args, kwargs = pytree.tree_map(_fresh, (as_args(example_inputs), dict(example_kwargs or {})))
     name = type(model).__name__
+    _warn_if_training(model, name)
     with eval_mode(model), torch.no_grad():
         eager_out = _run_eagerly(model, *pytree.tree_map(_fresh, (args, kwargs)), name)
         _register_output_dataclasses(eager_out)

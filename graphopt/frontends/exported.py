@@ -36,6 +36,11 @@ class StaticShapeWarning(UserWarning):
     """The batch dimension could not be made dynamic; the model is captured with static shapes."""
 
 
+class TrainModeWarning(UserWarning):
+    """The model was in train() mode with layers that behave differently in eval mode (batch
+    norm, dropout); graphopt captured their eval-mode behaviour (it optimizes for inference)."""
+
+
 def as_args(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)

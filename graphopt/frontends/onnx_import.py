@@ -492,6 +492,9 @@ def capture_onnx(
     args = module.example_inputs() if example_inputs is None else as_args(example_inputs)
     info: dict[str, Any] = dict(module.info, dynamic_batch=False, static_reason=None,
                                 torch=torch.__version__)  # fmt: skip
+    # the file's own names, which an export of the compiled model keeps
+    info["input_names"] = [i.name for i in module.inputs]
+    info["output_names"] = list(module.output_names)
     with torch.no_grad():
         try:
             module(*args)

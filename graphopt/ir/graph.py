@@ -30,6 +30,11 @@ def count_op_nodes(gm: GraphModule) -> int:
     return sum(1 for _ in op_nodes(gm))
 
 
+def count_weights(gm: GraphModule) -> int:
+    """The stored tensors the graph reads (its ``get_attr`` nodes)."""
+    return len(gm.graph.find_nodes(op="get_attr"))
+
+
 def is_random(node: Node) -> bool:
     """Does the call draw random numbers? Eval-mode dropout (train=False) does not."""
     if node.target in _MAY_RETURN_INPUT:

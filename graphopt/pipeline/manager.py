@@ -18,7 +18,14 @@ import torch
 from torch.fx import GraphModule, Node
 
 from graphopt.errors import EquivalenceError, GraphoptError, MutationError, PassError
-from graphopt.ir.graph import count_op_nodes, format_graph, short_target, snapshot, written_roots
+from graphopt.ir.graph import (
+    count_op_nodes,
+    count_weights,
+    format_graph,
+    short_target,
+    snapshot,
+    written_roots,
+)
 from graphopt.ir.rewriter import RewriteBudget, RuleLog
 from graphopt.ir.state import describe_write
 from graphopt.pipeline.parse import parse_pipeline
@@ -129,7 +136,7 @@ class PassManager:
         self.verifier = Verifier(gm, flat_inputs) if self.verify else None
         self._inputs = list(flat_inputs)
         self.ctx.inputs = self._inputs
-        self.ctx.calibration = self._stream = self._calibration_stream()
+        self.ctx.calibration = self._stream = self._calibration_stream(gm)
         gm = snapshot(gm)
         # what the graph may write in place: only what the graph it was given writes (nothing,
         # for a captured graph, which is functional)
@@ -178,8 +185,12 @@ class PassManager:
             return gm, False
         if self.on_event:
             self.on_event("start", record.name, None)
+        # nodes and weights: the count before the pass's first run, changed by its own runs only
+        # (inside a group, the other members' changes are theirs)
+        nodes, weights = count_op_nodes(gm), count_weights(gm)
         if record.runs == 0:
-            record.nodes_before = count_op_nodes(gm)
+            record.nodes_before = record.nodes_after = nodes
+            record.weights_before = record.weights_after = weights
         record.runs += 1
         self.ctx.pass_name = p.name
         self.ctx.rewriters = []
@@ -225,11 +236,12 @@ class PassManager:
                 record.status = max(record.status, "ok", key=_STATUS_RANK.__getitem__)
                 if self.keep_snapshots:
                     self.report.snapshots.append((record.name, format_graph(gm)))
-        record.nodes_after = count_op_nodes(gm)
+        record.nodes_after += count_op_nodes(gm) - nodes
+        record.weights_after += count_weights(gm) - weights
         self._end(record, step)
         return gm, changed and keep
 
-    def _calibration_stream(self) -> CalibrationStream | None:
+    def _calibration_stream(self, gm: GraphModule) -> CalibrationStream | None:
         """This run's view of the calibration data; a one-shot iterator serves one run."""
         if self.calibration is None:
             return None
@@ -239,7 +251,7 @@ class PassManager:
                 "the calibration data is a one-shot iterator that an earlier run of this pass "
                 "manager has read; pass a list of batches, or a new iterator for each run"
             )
-        return CalibrationStream(self.calibration, self._inputs, self.ctx)
+        return CalibrationStream(self.calibration, self._inputs, self.ctx, _free_dims(gm))
 
     def _rules(self) -> dict[str, RuleLog]:
         """The rule log of the pass run in progress (all its rewriters)."""
@@ -345,10 +357,17 @@ class CalibrationStream:
     shaped unlike the inputs, raises a ``GraphoptError`` kept in ``error`` (so the pass manager
     can tell it from a bug of the pass that was reading)."""
 
-    def __init__(self, batches: Iterable[Sequence[Any]], inputs: Sequence[Any], ctx: PassContext):
+    def __init__(
+        self,
+        batches: Iterable[Sequence[Any]],
+        inputs: Sequence[Any],
+        ctx: PassContext,
+        free_dims: Sequence[set[int]] = (),
+    ):
         self.batches = batches
         self.inputs = inputs
         self.ctx = ctx
+        self.free_dims = free_dims  # per input, the dims that may differ (symbolic in the graph)
         self.read_by: str | None = None  # the pass that read it
         self.error: GraphoptError | None = None
 
@@ -398,11 +417,32 @@ class CalibrationStream:
                     f"is {_kind(want)}; calibration batches must be shaped like the example "
                     "inputs (any batch size)"
                 )
+            free = self.free_dims[i] if i < len(self.free_dims) else {0}
+            if isinstance(got, torch.Tensor) and any(
+                got.shape[d] != want.shape[d] for d in range(want.dim()) if d not in free
+            ):
+                shape = ", ".join("N" if d in free else str(n) for d, n in enumerate(want.shape))
+                raise self._fail(
+                    f"calibration batch {index}: input {i} has shape {tuple(got.shape)}; the "
+                    f"model was captured for ({shape}) (N: any size): calibration batches must "
+                    "be shaped like the example inputs"
+                )
         return batch
 
     def _fail(self, message: str) -> GraphoptError:
         self.error = GraphoptError(message)
         return self.error
+
+
+def _free_dims(gm: GraphModule) -> list[set[int]]:
+    """Per graph input, the dims a calibration batch may size freely: the batch dim, and those
+    that are symbolic in the captured graph."""
+    free = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        shape = val.shape if isinstance(val, torch.Tensor) else ()
+        free.append({0} | {d for d, n in enumerate(shape) if not isinstance(n, int)})
+    return free
 
 
 def _kind(value: Any) -> str:

@@ -47,6 +47,12 @@ def parse_pipeline(pipeline: str | Sequence[PipelineItem | str]) -> list[Pipelin
     if isinstance(pipeline, str):
         text = OPT_LEVELS.get(pipeline.strip(), pipeline)
         items = _Parser(text).parse_list(end=None)
+    elif not isinstance(pipeline, Sequence):
+        raise PipelineError(
+            f"pipeline={pipeline!r} ({type(pipeline).__name__}); give a pipeline string "
+            "('-O1', 'cleanup,fold-bn'), or a list of passes and pipeline strings ('' or []: "
+            "no passes)"
+        )
     else:
         items = []
         for item in pipeline:
@@ -58,9 +64,35 @@ def parse_pipeline(pipeline: str | Sequence[PipelineItem | str]) -> list[Pipelin
                 raise PipelineError(
                     f"pipeline item {item!r} is neither a pass object nor a pipeline string"
                 )
-    items = schedule(items)
+    items = place(schedule(items))
     check_order(items)
     return items
+
+
+def place(items: Sequence[PipelineItem]) -> list[PipelineItem]:
+    """Move each pass written after a pass it must run before (``runs_before``) to just before
+    the first of those, where its own ``runs_after`` still holds. ``-O2,precision{dtype=bf16}``
+    becomes ``cleanup,fold-bn,patterns,cleanup,precision{dtype=bf16},fuse-epilogue,...``: half
+    precision after batch norms are folded and patterns recognized, before fusion (what
+    ``half_pipeline`` writes out). A pass that cannot be placed so stays where it is, and
+    ``check_order`` says why."""
+    out = list(items)
+    for p in [item for item in items if isinstance(item, Pass) and item.runs_before]:
+        at = next(k for k, item in enumerate(out) if item is p)
+        first = next(
+            (k for k, item in enumerate(out[:at]) if _names(item) & set(p.runs_before)), None
+        )
+        if first is None:
+            continue
+        passed_over = set().union(*(_names(item) for item in out[first:at]))
+        if passed_over & set(p.runs_after):
+            continue
+        out.insert(first, out.pop(at))
+    return out
+
+
+def _names(item: PipelineItem) -> set[str]:
+    return {q.name for q in flatten([item])}
 
 
 def schedule(items: Sequence[PipelineItem]) -> list[PipelineItem]:

@@ -17,8 +17,12 @@ class PassRecord:
     contract: str
     time_s: float = 0.0
     verify_s: float = 0.0
+    # compute nodes before the pass's first run -> after, counting its own changes only (in a
+    # group, not the other members'); weights: the same for stored tensors (get_attr)
     nodes_before: int = 0
     nodes_after: int = 0
+    weights_before: int = 0
+    weights_after: int = 0
     rewrites: int = 0
     error: float | None = None  # output error against float64 after the pass
     status: str = "unchanged"  # unchanged | ok | rolled back | skipped
@@ -27,6 +31,12 @@ class PassRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     spent: dict[str, Any] = field(default_factory=dict)  # contract numbers (lossy budget spent)
     rules: dict[str, RuleLog] = field(default_factory=dict)  # rule -> applied / near misses
+
+    def nodes_text(self) -> str:
+        """``52 -> 40``, with the weights the pass removed or added: ``52 -> 52, weights -15``."""
+        text = f"{self.nodes_before} -> {self.nodes_after}"
+        weights = self.weights_after - self.weights_before
+        return text + (f", weights {weights:+d}" if weights else "")
 
 
 @dataclass
@@ -40,13 +50,13 @@ class Report:
     backends: list[Any] = field(default_factory=list)
 
     def to_text(self) -> str:
-        head = f"{'pass':<24} {'time':>9} {'nodes':>12} {'rewrites':>8} {'err vs f64':>11}  status"
+        head = f"{'pass':<24} {'time':>9} {'nodes':>24} {'rewrites':>8} {'err vs f64':>11}  status"
         lines = [head, "-" * len(head)]
         for r in self.records:
             err = "-" if r.error is None else f"{r.error:.2e}"
-            nodes = f"{r.nodes_before}->{r.nodes_after}"
+            nodes = r.nodes_text()
             lines.append(
-                f"{r.name:<24} {r.time_s * 1e3:>7.1f}ms {nodes:>12} {r.rewrites:>8} {err:>11}  {r.status}"
+                f"{r.name:<24} {r.time_s * 1e3:>7.1f}ms {nodes:>24} {r.rewrites:>8} {err:>11}  {r.status}"
             )
         extra = [
             text for text in (self.rule_text(), self.layer_text(), self.backend_text()) if text

@@ -13,11 +13,18 @@ import torch
 
 from graphopt import zoo
 from graphopt.errors import GraphoptError
-from graphopt.tools.bench.command import Plan, parse_ints, resolve_models, resolve_modes
+from graphopt.tools.bench.command import (
+    Plan,
+    parse_ints,
+    resolve_models,
+    resolve_modes,
+    sweep_defaults,
+)
 from graphopt.tools.bench.inputs import input_sets
 from graphopt.tools.bench.measure import SKIPPED, bench_model, default_batch, output_errors
 from graphopt.tools.bench.mode import Runner, Setup
-from graphopt.tools.bench.modes import DEFAULT_MODES, EXTERNAL_MODES, MODES
+from graphopt.tools.bench.modes import DEFAULT_MODES, EXTERNAL_MODES, MODES, QUICK_MODES
+from graphopt.tools.bench.progress import Steps, clock, progress
 from graphopt.tools.bench.scaling import growth_exponent
 from graphopt.tools.bench.tables import markdown_table
 from graphopt.tools.bench.timing import Settings
@@ -44,14 +51,34 @@ def plan(*argv: str) -> Plan:
     return Plan.from_args(build_parser().parse_args(["bench", *argv]))
 
 
+def test_the_default_sweep_is_quick_and_full_is_the_docs_sweep() -> None:
+    quick = plan()
+    assert quick.models == list(zoo.ZOO) and quick.modes_for("bert") == QUICK_MODES
+    assert (quick.scaling_batches, quick.depths) == ([], [])
+    args = sweep_defaults(build_parser().parse_args(["bench"]))
+    assert (args.min_time, args.rounds) == (0.2, 3)
+    # (model, mode) pairs and 3 timing rounds per model
+    assert quick.steps(Settings(rounds=3)) == 5 * (len(QUICK_MODES) + 3)
+    full = plan("--full")
+    assert full.models == list(zoo.MODELS) and full.modes_for("bert") == DEFAULT_MODES
+    assert (full.scaling_batches, full.depths) == ([1, 4, 16, 64, 256], [2, 4, 8, 16, 32, 48])
+    # an option given wins over either sweep's default
+    assert plan("--depths", "2", "--models", "mlp").depths == [2]
+    assert plan("--full", "--scaling-batches", "").scaling_batches == []
+
+
 def test_full_size_models_run_fewer_modes_at_the_zoo_batch() -> None:
-    default = plan()
+    default = plan("--full")
     assert default.modes_for("bert") == DEFAULT_MODES and default.batch_for("bert") == 8
     for name in ("bert-base", "gpt2", "vit-base"):
         assert default.modes_for(name) == EXTERNAL_MODES and default.batch_for(name) is None
     assert default_batch("bert-base") == 4  # the zoo's: 4 x 128 tokens, read without building
-    # (model, mode) pairs, 5 scaling batches x 2 models, 6 depths
-    assert default.steps() == 5 * len(DEFAULT_MODES) + 5 * len(EXTERNAL_MODES) + 5 * 2 + 6
+    # (model, mode) pairs and 5 timing rounds per model, 5 scaling batches x 2 models, 6 depths
+    rounds = Settings(rounds=5)
+    assert default.steps(rounds) == (
+        5 * (len(DEFAULT_MODES) + 5) + 5 * (len(EXTERNAL_MODES) + 5) + 5 * 2 + 6
+    )
+    assert default.steps(Settings(device="cuda")) == default.steps(Settings(rounds=1))
     # --modes applies to every model, unless --external-modes says otherwise
     same = plan("--modes", "graphopt-O1", "--external-batch", "2")
     assert same.modes_for("gpt2") == same.modes_for("gpt") == ["eager", "graphopt-O1"]
@@ -158,7 +185,38 @@ def test_growth_exponent() -> None:
     assert growth_exponent([1], [1]) is None
 
 
-def test_end_to_end_cpu_run_writes_json_table_and_plots(tmp_path: Path) -> None:
+def test_progress_counts_steps_and_estimates_what_is_left() -> None:
+    now = iter([0.0, 10.0, 20.0, 30.0, 100.0])
+    lines: list[str] = []
+    steps = Steps(4, lambda s, text: lines.append(f"{s.done}/{s.total} {text} {s.estimate()}"),
+                  lambda: next(now))  # fmt: skip
+    steps("mlp: eager")  # t=10: nothing finished yet
+    steps("mlp: graphopt-O1")  # t=20: one of 4 done in 20 s -> about 60 s left
+    steps.finished(3)  # a model that was unavailable skipped its steps
+    steps("gpt: eager")  # t=30: 3 done -> about 10 s left
+    assert lines == [
+        "0/4 mlp: eager 0:10 spent",
+        "1/4 mlp: graphopt-O1 0:20 spent, about 1:00 left",
+        "3/4 gpt: eager 0:30 spent, about 0:10 left",
+    ]
+    assert clock(3725) == "1:02:05" and clock(59.6) == "1:00"
+
+
+def test_progress_prints_a_line_per_step_where_there_is_no_terminal() -> None:
+    from rich.console import Console
+
+    console = Console(record=True, force_terminal=False, width=60)
+    with progress(console, 2) as step:
+        step("mlp: eager")
+        step("mlp: timing, round 1/3")
+    text = console.export_text()
+    assert "[1/2] mlp: eager  (0:00 spent)" in text
+    assert "[2/2] mlp: timing, round 1/3  (0:00 spent, about 0:00 left)" in text
+
+
+def test_end_to_end_cpu_run_writes_json_table_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "bench"
     docs = tmp_path / "benchmarks.md"
     code = main([
@@ -179,6 +237,14 @@ def test_end_to_end_cpu_run_writes_json_table_and_plots(tmp_path: Path) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     page = docs.read_text()
     assert "| mlp | 4 | graphopt-O1 |" in page and "graphopt bench" in page
+    # each plot under its own section, after the table it draws
+    assert page.index("### Latency against batch size") < page.index("latency_vs_batch.png")
+    assert page.index("### Compile time against model depth") < page.index("compile_vs_depth.png")
+    assert page.index("speedup.png") < page.index("### Latency against batch size")
+    # progress: model, mode and timing round, with the time spent and left, a line per step
+    printed = capsys.readouterr().out
+    assert "] mlp: graphopt-O1  (" in printed and "mlp: timing, round 1/" in printed
+    assert "left)" in printed
 
 
 def test_every_option_is_checked_before_anything_is_measured(

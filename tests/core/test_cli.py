@@ -167,3 +167,26 @@ def test_bad_calib_factories_are_one_clear_line(
         assert main(["compile", "mlp", "--pipeline", INT8, "--calib", spec]) == 2
         out = " ".join(capsys.readouterr().out.split())
         assert message in out, out
+
+
+def test_help_says_what_a_new_user_looks_for(capsys: pytest.CaptureFixture[str]) -> None:
+    """compile --help names every kind of MODEL (.onnx included); debug --help names bisect."""
+    for argv, wanted in [
+        (["compile", "--help"], ["path/to/model.onnx", "path/to/file.py:factory", "--backend"]),
+        (["debug", "--help"], ["graphopt debug bisect MODEL", "--repro"]),
+    ]:
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for phrase in wanted:
+            assert phrase in text, (argv, phrase)
+
+
+def test_near_miss_lines_are_not_wrapped(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", "bert", "--pipeline", "-O2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    reason = "is its ATen reference on the CPU (kernels are CUDA-only): no gain"
+    whole = [ln for ln in lines if ln.startswith("    %") and ln.endswith(reason)]
+    assert whole, "the near-miss reason is not on one line"
+    assert not any(ln.startswith("(kernels are CUDA-only)") for ln in lines)

@@ -186,3 +186,21 @@ def test_provenance_names_pass_and_original_nodes() -> None:
     assert tagged and all(n.meta["graphopt"]["pass"] == "fold-bn" for n in tagged)
     assert all(len(n.meta["graphopt"]["from"]) == 2 for n in tagged)
     assert all("val" in n.meta for n in compiled.graph.nodes if n.op != "output")
+
+
+def test_a_model_left_in_train_mode_is_warned_about_once_where_it_matters() -> None:
+    """graphopt captures eval-mode behaviour; a model in train() mode whose batch norm or
+    dropout would behave otherwise gets one TrainModeWarning naming them; one whose train()
+    changes nothing (or an eval() model) gets none."""
+    x = torch.randn(4, 3, 8, 8)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.1), nn.ReLU())
+    with pytest.warns(graphopt.TrainModeWarning, match=r"in train\(\) mode.* 1, 2 use running"):
+        compiled = graphopt.compile(net, (x,))
+    assert net.training  # the user's flag is left as it was
+    torch.testing.assert_close(compiled(x), net.eval()(x))
+    for quiet in (net.eval(), nn.Sequential(nn.Linear(3, 3), nn.ReLU()).train()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", graphopt.TrainModeWarning)
+            graphopt.compile(
+                quiet, (torch.randn(4, 3, 8, 8) if quiet is net else torch.randn(2, 3),)
+            )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import zipfile
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from graphopt.errors import (
     PipelineError,
     SerializationError,
 )
+from graphopt.pipeline.parse import flatten, half_pipeline
 
 
 def test_every_error_is_a_graphopt_error() -> None:
@@ -116,9 +118,26 @@ class Late(Pass):
 
 
 def test_ordering_constraints() -> None:
-    assert len(graphopt.parse_pipeline("test-early,test-late")) == 2
+    def names(text: str) -> list[str]:
+        return [p.name for p in flatten(graphopt.parse_pipeline(text))]
+
+    assert names("test-early,test-late") == ["test-early", "test-late"]
+    # a pass written after one it must run before is placed where it must go
+    assert names("test-late,test-early") == ["test-early", "test-late"]
+    # inside a group the order is the group's: it is refused, not rearranged
     with pytest.raises(PipelineError, match="'test-early' must run before 'test-late'"):
-        graphopt.parse_pipeline("test-late,test-early")
+        graphopt.parse_pipeline("fixpoint(test-late,test-early)")
+    # only a pass written too late is moved; one written too early is refused
+    with pytest.raises(PipelineError, match="'precision' must run after 'fold-bn'"):
+        graphopt.parse_pipeline("precision{dtype=fp16},fold-bn")
+
+
+@pytest.mark.parametrize(("level", "dtype"), [("-O2", "bf16"), ("-O3", "fp16")])
+def test_half_precision_appended_to_a_level_is_placed_before_fusion(level: str, dtype: str):
+    def spec(text: str) -> str:
+        return ",".join(item.spec() for item in graphopt.parse_pipeline(text))
+
+    assert spec(f"{level},precision{{dtype={dtype}}}") == spec(half_pipeline(level, dtype))
 
 
 def test_register_pass_checks_name_and_frozen() -> None:
@@ -213,6 +232,57 @@ def test_load_missing_and_corrupt_files(tmp_path: Path) -> None:
 def test_save_rejects_other_objects(tmp_path: Path) -> None:
     with pytest.raises(SerializationError, match="expects what graphopt.compile returned"):
         graphopt.save(nn.Linear(2, 2), tmp_path / "x")  # type: ignore[arg-type]
+
+
+def test_save_into_a_missing_folder_says_so(two: graphopt.CompiledModule, tmp_path: Path) -> None:
+    with pytest.raises(SerializationError, match="the folder .*nope does not exist; create it"):
+        graphopt.save(two, tmp_path / "nope" / "m.graphopt")
+    with pytest.raises(SerializationError, match="is a folder; give a file path"):
+        graphopt.save(two, tmp_path)
+
+
+def test_load_of_a_file_whose_metadata_lacks_a_key_names_it(
+    two: graphopt.CompiledModule, tmp_path: Path
+) -> None:
+    good = tmp_path / "good.graphopt"
+    graphopt.save(two, good)
+    with zipfile.ZipFile(good) as zf:
+        files = {name: zf.read(name) for name in zf.namelist()}
+    meta = json.loads(files["graphopt.json"])
+    del meta["signature"]["kwarg_names"]
+    files["graphopt.json"] = json.dumps(meta).encode()
+    edited = tmp_path / "edited.graphopt"
+    with zipfile.ZipFile(edited, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    with pytest.raises(SerializationError, match="graphopt.json.* has no 'kwarg_names'; the file"):
+        graphopt.load(edited)
+
+
+@pytest.mark.parametrize("pipeline", [None, 123, 1.5])
+def test_a_pipeline_that_is_not_text_or_a_list_is_a_pipeline_error(pipeline: object) -> None:
+    with pytest.raises(PipelineError, match=r"give a pipeline string \('-O1'"):
+        graphopt.compile(nn.Linear(2, 2), (torch.randn(1, 2),), pipeline=pipeline)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("data", [5, "batches.pt", torch.ones(4, 2)])
+def test_calibration_data_that_is_not_batches_is_refused(data: object) -> None:
+    with pytest.raises(GraphoptError, match="calibration_data is a .*; give an iterable of batch"):
+        graphopt.compile(
+            nn.Linear(2, 2), (torch.randn(1, 2),), pipeline="int8", calibration_data=data
+        )
+
+
+def test_calibration_batches_shaped_unlike_the_inputs_are_refused() -> None:
+    model, x = nn.Sequential(nn.Linear(16, 16), nn.ReLU()), torch.randn(4, 16)
+    for batches, message in [
+        ([torch.randn(8, 16), torch.randn(4, 12)], r"batch 1: input 0 has shape \(4, 12\); the "
+         r"model was captured for \(N, 16\)"),
+        ([torch.randn(4, 16).double()], "batch 0: input 0 is a 2-d float64 tensor"),
+        ([torch.randn(4, 4, 16)], "batch 0: input 0 is a 3-d float32 tensor"),
+    ]:  # fmt: skip
+        with pytest.raises(GraphoptError, match=message):
+            graphopt.compile(model, (x,), pipeline="int8", calibration_data=batches)
 
 
 def test_messages_are_not_tracebacks() -> None:

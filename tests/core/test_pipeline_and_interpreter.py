@@ -46,6 +46,31 @@ def test_user_pass_by_name_and_by_object() -> None:
     assert "test-count-relu" in graphopt.registered_passes()
 
 
+def test_group_members_count_their_own_nodes_and_weights() -> None:
+    """Inside a group each row counts what that pass changed, not the group's final count, and
+    a pass that only drops weights says so."""
+    from graphopt import zoo
+    from graphopt.frontends.capture import capture
+    from graphopt.ir.graph import count_op_nodes, count_weights
+
+    model, inputs = zoo.get("resnet", batch=2)  # fold-bn leaves batch-norm weights to dce
+    compiled = graphopt.compile(model, inputs, pipeline="-O2")
+    captured = capture(model, inputs)
+    records = compiled.report.records
+    for r in records:
+        if r.rewrites == 0:  # changed nothing: its row shows no change
+            assert (r.nodes_before, r.weights_before) == (r.nodes_after, r.weights_after), r
+    # the rows add up to the whole change
+    assert sum(r.nodes_after - r.nodes_before for r in records) == count_op_nodes(
+        compiled.gm
+    ) - count_op_nodes(captured)
+    assert sum(r.weights_after - r.weights_before for r in records) == count_weights(
+        compiled.gm
+    ) - count_weights(captured)
+    weights_only = [r for r in records if r.weights_after != r.weights_before]
+    assert weights_only and all("weights " in r.nodes_text() for r in weights_only)
+
+
 def test_report_records_timing_and_nodes() -> None:
     # seeded: with an unlucky draw, cancellation in a 3-term dot product makes the largest
     # output tiny and the fp32 error relative to it exceeds 1e-6 (a flaky failure seen once)

@@ -363,6 +363,32 @@ def test_cli_compile_writes_onnx(tmp: Path) -> None:
     assert _worst(ort_run(exported, inputs), float64_run(model, inputs)) <= FP32_FLOOR
 
 
+def test_cli_onnx_in_onnx_out_keeps_the_file_names_and_says_only_what_it_did(
+    tmp: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """``graphopt compile model.onnx --onnx out.onnx``: the output file keeps the input's input
+    and output names (not torch.export's args_0), no torchvision noise, no int8 claim for a
+    float model."""
+    from graphopt.tools.cli import main
+
+    model, inputs = zoo.get("mlp", batch=BATCH)
+    source = tmp / "named.onnx"
+    torch.onnx.export(
+        model, inputs, str(source), input_names=["pixels"], output_names=["logits"],
+        dynamic_axes={"pixels": {0: "n"}}, dynamo=False,
+    )  # fmt: skip
+    out = tmp / "named-out.onnx"
+    assert main(["compile", str(source), "--pipeline", "-O2", "--onnx", str(out)]) == 0
+    printed = capfd.readouterr()
+    exported = onnx.load(str(out))
+    assert [i.name for i in exported.graph.input] == ["pixels"]
+    assert [o.name for o in exported.graph.output] == ["logits"]
+    assert "torchvision" not in printed.out + printed.err
+    assert f"exported to {out} (ONNX)" in printed.out and "QuantizeLinear" not in printed.out
+    other = (torch.randn(OTHER_BATCH, *inputs[0].shape[1:]),)
+    assert _worst(ort_run(exported, other), float64_run(model, other)) <= FP32_FLOOR
+
+
 @pytest.mark.parametrize(
     "options",
     ["act=dynamic", "mode=w8a16", "lower=false", "smooth=0.5", "calib=minmax", "fp16,lower=false"],

@@ -407,3 +407,43 @@ def test_a_repro_carries_calibration_data_only_to_a_pass_that_reads_it(tmp_path:
     v = bisect(model, inputs, pipeline("relu"), repro=tmp_path, calibration_data=_calibration())
     assert v.pass_name == "relu-to-clamp"
     assert set(torch.load(tmp_path / "tensors.pt")) == {"inputs", "weights"}
+
+
+# -- the README's example: examples/planted_bug.py ------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_readme_example_finds_the_planted_bug_and_its_repro_fails_on_its_own(
+    tmp_path: Path,
+) -> None:
+    """The README's bisect command, run as a user runs it (its own process, from the checkout),
+    names the planted pass, rewrite and node, and writes a repro that fails alone and passes
+    once the bug is removed."""
+    exe = Path(sys.executable).with_name("graphopt")
+    out = tmp_path / "repro-out"
+    argv = [str(exe), "debug", "bisect", "examples/planted_bug.py:build"]
+    argv += ["--pipeline", "-O1,relu-to-clamp", "--repro", str(out), "--out", str(tmp_path / "d")]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "first breaking pass: relu-to-clamp" in done.stdout
+    assert "rewrite 2 of relu-to-clamp" in done.stdout
+    assert "aten.clamp_min.default" in done.stdout and "local:" in done.stdout
+    script = out / "repro.py"
+    failing = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=600)
+    assert failing.returncode == 1, failing.stderr[-2000:]
+    env = {**os.environ, "GRAPHOPT_PLANTED_FIXED": "1"}
+    fixed = subprocess.run([sys.executable, str(script)], capture_output=True, env=env, timeout=600)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+
+
+def test_nothing_to_bisect_says_no_repro_was_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repro = tmp_path / "repro-out"
+    argv = ["debug", "bisect", "mlp", "--pipeline", "-O1", "--repro", str(repro)]
+    assert main([*argv, "--out", str(tmp_path / "d")]) == 0
+    text = capsys.readouterr().out
+    assert "no pass broke its contract" in text
+    assert f"no repro written to {repro}: no pass broke its contract" in text
+    assert not repro.exists()

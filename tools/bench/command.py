@@ -1,5 +1,10 @@
 """``graphopt bench``: its options, their parsing, and the run that measures and writes everything.
 
+Two sweeps: the default, quick one (the zoo's small models, the modes a user compares first,
+about 3 minutes on 2 cores) and ``--full``, the sweep docs/benchmarks.md records (every model,
+every pipeline, the full-size models, latency against batch, compile time against depth). An
+option given on the command line wins over either sweep's default.
+
 The run writes results.json, results.md and the plots into ``--out``, and with ``--docs`` the
 documentation page; it prints the main table, issue 15's targets and the backends graphopt tried.
 The zoo's own models run at ``--batch``; the full-size ones (``zoo.EXTERNAL``: BERT-base, GPT-2,
@@ -8,22 +13,28 @@ ViT-base, ...) at the zoo's batch and sequence length, with fewer modes (``EXTER
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+import torch._inductor.config as inductor_config
 
 from graphopt import zoo
 from graphopt.errors import GraphoptError
 from graphopt.tools.bench import kernels, page, plots
 from graphopt.tools.bench.environment import environment
 from graphopt.tools.bench.measure import bench_model
-from graphopt.tools.bench.modes import DEFAULT_MODES, EXTERNAL_MODES, GPU_EXTRA_MODES, MODES
+from graphopt.tools.bench.modes import (
+    DEFAULT_MODES,
+    EXTERNAL_MODES,
+    GPU_EXTRA_MODES,
+    MODES,
+    QUICK_MODES,
+)
+from graphopt.tools.bench.progress import progress
 from graphopt.tools.bench.report import BenchReport
 from graphopt.tools.bench.scaling import batch_scaling, compile_scaling, growth_exponent
 from graphopt.tools.bench.tables import backend_table, markdown_table
@@ -33,18 +44,47 @@ from graphopt.tools.bench.timing import Settings
 # -- options ---------------------------------------------------------------------------------------
 
 
+# the defaults of the options that differ between the two sweeps (None: every model / the
+# device's default modes)
+QUICK = {
+    "models": ",".join(zoo.ZOO),
+    "modes": ",".join(QUICK_MODES),
+    "scaling_batches": "",
+    "depths": "",
+    "min_time": 0.2,
+    "rounds": 3,
+}
+FULL = {
+    "models": None,
+    "modes": None,
+    "scaling_batches": "1,4,16,64,256",
+    "depths": "2,4,8,16,32,48",
+    "min_time": 0.5,
+    "rounds": 5,
+}
+
+
 def add_arguments(p: Any) -> None:
     """The options of ``graphopt bench`` on the argparse parser ``p``."""
     p.add_argument(
+        "--full",
+        action="store_true",
+        help="the full sweep that docs/benchmarks.md records (every model, the full-size ones "
+        "included; every pipeline; latency against batch; compile time against depth): about "
+        "an hour on 2 cores. Default: a quick sweep of the zoo's small models in the modes "
+        f"{','.join(QUICK_MODES)}, about 3 minutes",
+    )
+    p.add_argument(
         "--models",
         default=None,
-        help=f"comma-separated; default the zoo ({','.join(zoo.ZOO)}) and "
+        help=f"comma-separated; default the zoo ({','.join(zoo.ZOO)}); with --full also "
         f"{','.join(zoo.EXTERNAL)} (reported unavailable when torchvision/transformers are missing)",
     )
     p.add_argument(
         "--modes",
         default=None,
-        help=f"comma-separated; default {','.join(DEFAULT_MODES)} (+GPU modes on cuda)",
+        help=f"comma-separated; default {','.join(QUICK_MODES)}; with --full "
+        f"{','.join(DEFAULT_MODES)} (+GPU modes on cuda)",
     )
     p.add_argument(
         "--external-modes",
@@ -81,14 +121,23 @@ def add_arguments(p: Any) -> None:
         "thread pools of different runtimes disturb each other's timings)",
     )
     p.add_argument(
-        "--min-time", type=float, default=0.5, help="seconds of timed calls per mode (CPU)"
+        "--min-time",
+        type=float,
+        default=None,
+        help="seconds of timed calls per mode (CPU); default 0.2, with --full 0.5",
     )
     p.add_argument("--min-reps", type=int, default=10, help="timed calls per mode at least (CPU)")
-    p.add_argument("--rounds", type=int, default=5, help="CPU: modes take turns this many times")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="CPU: modes take turns this many times; default 3, with --full 5",
+    )
     p.add_argument(
         "--scaling-batches",
-        default="1,4,16,64,256",
-        help="batch sizes for the latency-vs-batch plot ('' to skip)",
+        default=None,
+        help="batch sizes for the latency-vs-batch plot ('' to skip); default none, with --full "
+        f"{FULL['scaling_batches']}",
     )
     p.add_argument(
         "--scaling-models", default="resnet,bert", help="models for the latency-vs-batch plot"
@@ -100,8 +149,9 @@ def add_arguments(p: Any) -> None:
     )
     p.add_argument(
         "--depths",
-        default="2,4,8,16,32,48",
-        help="gpt depths for the compile-time plot ('' to skip)",
+        default=None,
+        help="gpt depths for the compile-time plot ('' to skip); default none, with --full "
+        f"{FULL['depths']}",
     )
     p.add_argument(
         "--docs", default=None, help="also write this markdown page (e.g. docs/benchmarks.md)"
@@ -113,6 +163,15 @@ def add_arguments(p: Any) -> None:
         help="kernel microbenchmarks (copy bandwidth, norms, GEMM epilogue, attention); "
         "auto: on cuda only",
     )
+
+
+def sweep_defaults(args: Any) -> Any:
+    """``args`` with the options left unset filled from the sweep it asks for (``--full`` or the
+    quick one); returns ``args``."""
+    for key, value in (FULL if getattr(args, "full", False) else QUICK).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
 
 
 def parse_list(text: str | None, default: Sequence[str]) -> list[str]:
@@ -174,6 +233,7 @@ class Plan:
 
     @classmethod
     def from_args(cls, args: Any) -> Plan:
+        sweep_defaults(args)
         batches = parse_ints(args.scaling_batches) if args.scaling_batches else []
         external = args.external_modes or args.modes or ",".join(EXTERNAL_MODES)
         return cls(
@@ -196,10 +256,14 @@ class Plan:
         """``model``'s batch size in the main table (None: the zoo's own)."""
         return self.external_batch if model in zoo.EXTERNAL else self.batch
 
-    def steps(self) -> int:
-        """Progress steps: one per (model, mode), per scaled (model, batch), per depth."""
+    def model_steps(self, model: str, settings: Settings) -> int:
+        """Progress steps of ``model`` in the main table: one per mode, one per timing round."""
+        return len(self.modes_for(model)) + settings.timing_steps()
+
+    def steps(self, settings: Settings) -> int:
+        """Progress steps: the main table's, one per scaled (model, batch), one per depth."""
         return (
-            sum(len(self.modes_for(m)) for m in self.models)
+            sum(self.model_steps(m, settings) for m in self.models)
             + len(self.scaling_batches) * len(self.scaling_models)
             + len(self.depths)
         )
@@ -215,6 +279,7 @@ def run(args: Any, console: Any) -> int:
         raise GraphoptError(
             "--device cuda but torch.cuda.is_available() is False; use --device cpu"
         )
+    sweep_defaults(args)
     settings = Settings(
         device=args.device,
         threads=args.threads,
@@ -223,12 +288,17 @@ def run(args: Any, console: Any) -> int:
         rounds=args.rounds,
     )
     torch.set_num_threads(settings.threads)
+    # compile times are cold: Inductor's caches (on disk from earlier runs, and in memory from
+    # an earlier mode of this run) would serve torch.compile and graphopt's Inductor backend
+    # unequally; every compile of the run generates its code
+    # (patched for the run only: a caller in the same process keeps its caches)
     plan = Plan.from_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # results.json and results.md are rewritten after every model: a run stopped from outside
     # (a time bound, a crash) leaves what it measured so far
-    report = measure(plan, settings, console, lambda partial: write_results(partial, out))
+    with inductor_config.patch(force_disable_caches=True):
+        report = measure(plan, settings, console, lambda partial: write_results(partial, out))
     report.kernels, report.kernels_note = kernels.kernel_results(args.kernels, settings.device)
     written = write(report, out)
     if args.docs:
@@ -263,7 +333,8 @@ def measure(
     report = BenchReport(environment(settings), [])
     limit = plan.time_limit_s
     deadline = None if limit is None else time.perf_counter() + limit
-    with _progress(console, plan.steps()) as step:
+    with progress(console, plan.steps(settings)) as step:
+        done = 0
         for name in plan.models:
             report.results += bench_model(
                 name,
@@ -273,6 +344,8 @@ def measure(
                 lambda m, n=name: step(f"{n}: {m}"),
                 deadline,
             )
+            done += plan.model_steps(name, settings)
+            step.finished(done)  # an unavailable model ran none of its steps
             if on_model:
                 on_model(report)
         if plan.scaling_batches:
@@ -295,11 +368,14 @@ def measure(
 
 def write(report: BenchReport, out: Path) -> list[Path]:
     """The plots, results.json and results.md into ``out``; returns the plots' paths."""
-    written = [plots.speedup_plot(report.results, out / "speedup.png")]
+    env = report.env
+    written = [plots.speedup_plot(report.results, out / "speedup.png", env)]
     if report.batch_scaling:
-        written.append(plots.batch_plot(report.batch_scaling, out / "latency_vs_batch.png"))
+        written.append(plots.batch_plot(report.batch_scaling, out / "latency_vs_batch.png", env))
     if report.compile_scaling:
-        written.append(plots.compile_plot(report.compile_scaling, out / "compile_vs_depth.png"))
+        written.append(
+            plots.compile_plot(report.compile_scaling, out / "compile_vs_depth.png", env)
+        )
     write_results(report, out, [p.name for p in written])
     return written
 
@@ -308,18 +384,3 @@ def write_results(report: BenchReport, out: Path, plot_names: Sequence[str] = ()
     """results.json and results.md (linking ``plot_names``) into ``out``."""
     (out / "results.json").write_text(report.to_json())
     (out / "results.md").write_text(report.to_markdown(plot_names))
-
-
-@contextlib.contextmanager
-def _progress(console: Any, total: int) -> Iterator[Callable[[str], None]]:
-    """A transient progress bar of ``total`` steps; yields ``step(text)``, which shows ``text``
-    and advances one step."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("bench", total=total)
-        yield lambda text: bar.update(task, description=text, advance=1)

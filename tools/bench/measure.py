@@ -61,12 +61,13 @@ def bench_model(
     modes: Sequence[str],
     batch: int | None,
     settings: Settings,
-    on_mode: Callable[[str], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
     deadline: float | None = None,
 ) -> list[Result]:
     """Every mode of the zoo model ``name``, in this process, on the same inputs: ``batch`` of
     them, or the zoo's own batch (and sequence length) for the model when ``batch`` is None.
-    No mode starts after ``deadline`` (a ``time.perf_counter()`` value): those are skipped."""
+    No mode starts after ``deadline`` (a ``time.perf_counter()`` value): those are skipped.
+    ``on_step`` is told each mode as it is built and each timing round as it starts."""
     if batch is None:
         batch = default_batch(name)
     if _past(deadline):  # not even built: a full-size model takes seconds to build
@@ -85,8 +86,8 @@ def bench_model(
     setup = Setup(model, inputs, settings.device)
     results, runs = [], []
     for mode in modes:
-        if on_mode:
-            on_mode(mode)
+        if on_step:
+            on_step(mode)
         if _past(deadline):
             result, run = Result(name, mode, batch, "skipped", SKIPPED), None
         else:
@@ -96,7 +97,8 @@ def bench_model(
         runs.append(run)
     ready = [(r, run) for r, run in zip(results, runs) if run is not None]
     try:
-        timings = time_runners([run for _, run in ready], sets, settings)
+        rounds = None if on_step is None else (lambda i, n: on_step(f"timing, round {i}/{n}"))
+        timings = time_runners([run for _, run in ready], sets, settings, rounds)
     except Exception as exc:  # a mode that worked once and then failed while timed
         for r, _ in ready:
             r.status, r.reason = "failed", f"while timing: {_one_line(exc)}"

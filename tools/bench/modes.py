@@ -164,7 +164,11 @@ ONNX_MODES = [
     "onnxruntime-graphopt-O2",
     "onnxruntime-graphopt-O2-int8",
 ]
-# the zoo's own (small) models: every pipeline, and auto for float and int8 (auto's backend table
+# the quick default sweep (``graphopt bench`` with no --full): what a user compares first, graphopt
+# at -O2 on its own executor and on the fastest verified backend against eager, torch.compile and
+# ONNX Runtime
+QUICK_MODES = ["eager", "torch.compile", "onnxruntime", "graphopt-O2", "graphopt-O2-auto"]
+# --full, the zoo's own (small) models: every pipeline, and auto for float and int8 (auto's backend table
 # has each engine's time and error, so the per-backend modes are left to --modes)
 DEFAULT_MODES = [
     "eager",

@@ -16,9 +16,12 @@ METHOD = (
     "`time.perf_counter` per call; GPU: `triton.testing.do_bench`). Compile time is the wall time "
     "to build the mode (for torch.compile, its first call). Memory: GPU, peak allocated by torch; "
     "CPU, growth of the process's resident set while the mode is built and run (a rough figure). "
-    "Errors compare each mode's outputs with eager fp32 on the same input. torch.compile's "
-    "compile time is measured after `torch._dynamo.reset()`, but Inductor's on-disk cache from "
-    "earlier runs on the machine may still serve it. Models from torchvision and Hugging Face "
+    "Errors compare each mode's outputs with eager fp32 on the same input. Compile times are "
+    "cold: torch.compile's is measured after `torch._dynamo.reset()`, and Inductor's caches are "
+    "off for the whole run (`torch._inductor.config.force_disable_caches`), so neither "
+    "torch.compile nor graphopt's Inductor backend reuses code generated earlier. ONNX Runtime's "
+    "baseline runs torch.onnx's TorchScript export of the model, or its dynamo export where "
+    "TorchScript cannot trace the model (transformers 5). Models from torchvision and Hugging Face "
     "are built from their configs with random weights when those packages are installed, and "
     "reported unavailable otherwise; they run at the zoo's batch and sequence length (see the "
     "models table) with the modes the targets compare. `graphopt-O2-<backend>` compiles with "
@@ -64,9 +67,12 @@ def reproduce_command(args: Any) -> str:
     empty or spaced."""
     options = []
     for key, value in sorted(vars(args).items()):
-        if key in ("func", "command", "docs") or value is None:
+        if key in ("func", "command", "docs") or value is None or value is False:
             continue
         flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            options.append(flag)
+            continue
         options.append(
             f"{flag} {value!r}" if " " in str(value) or value == "" else f"{flag} {value}"
         )

@@ -34,8 +34,14 @@ class BenchReport:
         return json.dumps(asdict(self), indent=1, default=str)
 
     def to_markdown(self, plots: Sequence[str] = ()) -> str:
-        """Environment, the tables measured, and the ``plots`` (paths relative to the page)."""
+        """Environment, the tables measured, and the ``plots`` (paths relative to the page), each
+        plot under the section of the table it draws."""
         env = self.env
+        by_stem = {Path(p).stem: p for p in plots}
+
+        def plot(stem: str) -> list[str]:
+            return [f"\n![{stem}]({by_stem.pop(stem)})\n"] if stem in by_stem else []
+
         parts = [
             f"Measured {env['date']} on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
             f"onnxruntime {env['onnxruntime']}, python {env['python']}. Method: {env['method']}.\n",
@@ -44,6 +50,7 @@ class BenchReport:
             "Error columns compare each mode's outputs with eager fp32 on the same input; "
             "`backend` is the engine a graphopt mode runs on.\n",
             markdown_table(self.results),
+            *plot("speedup"),
         ]
         targets = targets_table(self.results, env.get("device_kind", "cpu"))
         if targets:
@@ -57,15 +64,20 @@ class BenchReport:
                 backend_table(self.results),
             ]
         if self.batch_scaling:
-            parts += ["\n### Latency against batch size\n", markdown_table(self.batch_scaling)]
+            parts += [
+                "\n### Latency against batch size\n",
+                markdown_table(self.batch_scaling),
+                *plot("latency_vs_batch"),
+            ]
         if self.compile_scaling:
             parts += [
                 "\n### Compile time against model depth\n",
                 compile_table(self.compile_scaling, self.compile_exponent),
+                *plot("compile_vs_depth"),
             ]
         parts += [
             "\n### Kernels\n",
             kernel_table(self.kernels) if self.kernels else self.kernels_note,
         ]
-        parts += [f"\n![{Path(p).stem}]({p})\n" for p in plots]
+        parts += [f"\n![{stem}]({p})\n" for stem, p in by_stem.items()]
         return "\n".join(parts)

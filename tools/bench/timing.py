@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,10 @@ class Settings:
     rotate: int = 4  # input sets the timed calls rotate through
     rounds: int = 5  # CPU: modes take turns this many times
 
+    def timing_steps(self) -> int:
+        """Progress steps of timing one model's modes: a round each (the GPU times in one)."""
+        return 1 if self.device == "cuda" else self.rounds
+
 
 @dataclass
 class Timing:
@@ -36,22 +40,30 @@ class Timing:
 
 
 def time_runners(
-    runs: Sequence[Runner], sets: Sequence[tuple[Any, ...]], settings: Settings
+    runs: Sequence[Runner],
+    sets: Sequence[tuple[Any, ...]],
+    settings: Settings,
+    on_round: Callable[[int, int], None] | None = None,
 ) -> list[Timing]:
     """Latency of each runner over rotating inputs, after warm-up.
 
     CPU: the runners take turns in ``settings.rounds`` rounds, so a slow spell of a shared machine
     lands on every mode rather than on whichever ran then. GPU: ``triton.testing.do_bench``.
+    ``on_round(i, n)`` is told when round ``i`` of ``n`` starts (the GPU has one).
     """
     for run in runs:
         for i in range(settings.warmup):
             run(*sets[i % len(sets)])
     if settings.device == "cuda":
+        if on_round:
+            on_round(1, 1)
         return [_do_bench(run, sets, settings) for run in runs]
     times: list[list[float]] = [[] for _ in runs]
     reps = max(1, math.ceil(settings.min_reps / settings.rounds))
     budget = settings.min_time_s / settings.rounds
-    for _ in range(settings.rounds):
+    for i in range(settings.rounds):
+        if on_round:
+            on_round(i + 1, settings.rounds)
         for run, out in zip(runs, times):
             _time_turn(run, sets, reps, budget, out)
     return [_summary(t) for t in times]
