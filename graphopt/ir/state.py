@@ -183,6 +183,15 @@ class StateBinding:
         self.copy_first = {
             i for i, o in enumerate(outs) if isinstance(o, Node) and alias_root(o) in overwritten
         }
+        # no state and no writes: a plain call is fn's outputs in the user's structure
+        self.pure = not self.buffers and not self.effects
+        # the common output structures, rebuilt without pytree: one tensor, or a flat tuple
+        spec = self.out_spec
+        self._unflat: Any = None
+        if spec is not None and spec == pytree.tree_flatten(0)[1]:
+            self._unflat = lambda outs: outs[0]
+        elif spec is not None and spec == pytree.tree_flatten(tuple(range(spec.num_leaves)))[1]:
+            self._unflat = tuple
 
     def __call__(
         self,
@@ -194,6 +203,11 @@ class StateBinding:
     ) -> Any:
         """``plain``: the caller has checked that ``args`` are tensors and there are no
         ``kwargs``, so they are the flat inputs as they are (no pytree on the hot path)."""
+        if plain and self.pure:
+            outs = fn(*args)
+            if self._unflat is not None:
+                return self._unflat(outs)
+            return pytree.tree_unflatten(list(outs), self.out_spec) if self.out_spec else list(outs)
         if plain:
             leaves = list(args)
         elif self.in_spec is None:

@@ -51,6 +51,18 @@ class CompiledModule(torch.nn.Module):
         self.pipeline = pipeline
         self.target = target
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # forward directly while no hook is registered: nn.Module's call machinery costs a few
+        # microseconds, which a small model on a fast engine notices
+        if (
+            self._forward_hooks
+            or self._forward_pre_hooks
+            or torch.nn.modules.module._global_forward_hooks
+            or torch.nn.modules.module._global_forward_pre_hooks
+        ):
+            return super().__call__(*args, **kwargs)
+        return self.forward(*args, **kwargs)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.signature.check(args, kwargs)
         with torch.no_grad():  # compiled models are for inference: weights are folded constants

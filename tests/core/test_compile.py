@@ -204,3 +204,19 @@ def test_a_model_left_in_train_mode_is_warned_about_once_where_it_matters() -> N
             graphopt.compile(
                 quiet, (torch.randn(4, 3, 8, 8) if quiet is net else torch.randn(2, 3),)
             )
+
+
+@pytest.mark.parametrize("backend", ["aten", "onnxruntime"])
+def test_forward_hooks_still_run_on_the_fast_call_path(backend: str) -> None:
+    """The compiled model skips nn.Module's call machinery only while no hook is registered."""
+    model, inputs = zoo.get("mlp", batch=2)
+    compiled = graphopt.compile(model, inputs, pipeline="-O1", backend=backend)
+    seen: list[str] = []
+    pre = compiled.register_forward_pre_hook(lambda m, a: seen.append("pre"))
+    post = compiled.register_forward_hook(lambda m, a, out: seen.append("post"))
+    torch.testing.assert_close(compiled(*inputs), model(*inputs))
+    assert seen == ["pre", "post"]
+    pre.remove()
+    post.remove()
+    torch.testing.assert_close(compiled(*inputs), model(*inputs))
+    assert seen == ["pre", "post"]
