@@ -334,6 +334,24 @@ def replaced_groups(
     return outlines, {n.name for n in gone}, {n.name for n in new}
 
 
+def removed_weights(before: GraphModule, after: GraphModule) -> list[str]:
+    """Weights and constants (``get_attr`` targets) that ``before`` reads and ``after`` no
+    longer does: what a pass such as DCE removes without removing a drawn node."""
+    kept = {n.target for n in after.graph.nodes if n.op == "get_attr"}
+    gone = [n.target for n in before.graph.nodes if n.op == "get_attr" and n.target not in kept]
+    return [str(t) for t in dict.fromkeys(gone)]
+
+
+def removed_note(names: list[str], shown: int = 8) -> str:
+    """``names`` in one sentence for the page, the first ``shown`` of them by name."""
+    if not names:
+        return ""
+    listed = ", ".join(names[:shown]) + (
+        f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    )
+    return f"Removed {len(names)} weight(s)/constant(s) that are not drawn as nodes: {listed}."
+
+
 # -- the page --------------------------------------------------------------------------------------
 
 
@@ -396,6 +414,9 @@ def entries(run: CompileRun, pictures: Pictures) -> list[Entry]:
             before, after = pictures.step(k, step)
             label = record.name + (f" (run {step.run})" if record.runs > 1 else "")
             note = pictures.errors(step.after)[1]
+            note = " ".join(
+                filter(None, [removed_note(removed_weights(step.before, step.after)), note])
+            )
             if not step.kept:
                 label += " [rolled back: the rejected graph]"
                 note = (record.message + " " + note).strip()
@@ -567,6 +588,12 @@ def build_html(run: CompileRun, model: str, pipeline: str, cmd: str, env: dict[s
         f'<label>pass: <select id="pass-select">{options}</select></label>',
         '<p id="entry-note"></p>',
         _legend(),
+        '<p id="zoom">zoom: <button type="button" data-zoom="fit" class="on">fit the pane</button> '
+        '<button type="button" data-zoom="0.5">50%</button> '
+        '<button type="button" data-zoom="1">100%</button> '
+        '<button type="button" id="stack">one above the other</button> '
+        '<span class="hint">(a tall graph reads in columns, top to bottom then left to right; '
+        "a small circle marks an edge that goes on in the next column; scroll to pan)</span></p>",
         '<div id="panes"><div class="pane"><h3>before</h3><div id="before-pane" class="scroll">'
         '</div></div><div class="pane"><h3>after</h3><div id="after-pane" class="scroll">'
         "</div></div></div>",
@@ -627,6 +654,10 @@ svg.graph .node.fused > rect { stroke: #5e3c99; stroke-width: 2; }
 svg.graph .node.hit > rect { stroke: #e7298a; stroke-width: 4; }
 svg.graph .inner rect { stroke: #777; stroke-width: .5; }
 svg.graph .edge { fill: none; stroke: #888; stroke-width: 1; }
+svg.graph circle.jump { fill: #fff; stroke: #555; stroke-width: 1.2; }
+#zoom button { font-size: 12px; }
+#zoom button.on { font-weight: bold; }
+#panes.stacked { flex-direction: column; }
 svg.graph .outline rect { fill: #2166ac10; stroke: #2166ac; stroke-width: 2;
   stroke-dasharray: 6 3; }
 svg.graph .outline text { text-anchor: start; fill: #2166ac; font-size: 10px; }
@@ -646,10 +677,46 @@ window.onerror = function (message, source, line) {
 (function () {
   var entries = JSON.parse(document.getElementById("entries").textContent);
   var select = document.getElementById("pass-select");
+  // zoom: "fit" scales each picture to its pane's width (the default: a wrapped graph of 50 to
+  // 200 nodes reads on one or two screens); a number is a fixed scale of the drawn size
+  var zoom = "fit";
+  function sized(svg) {
+    var w = Number(svg.getAttribute("width")), h = Number(svg.getAttribute("height"));
+    var pane = svg.parentElement;
+    var scale = zoom === "fit" ? Math.min(1, (pane.clientWidth - 4) / w) : Number(zoom);
+    svg.style.width = Math.round(w * scale) + "px";
+    svg.style.height = Math.round(h * scale) + "px";
+  }
   function picture(pane, key) {
     var copy = document.getElementById("svg-" + key).firstElementChild.cloneNode(true);
     document.getElementById(pane).replaceChildren(copy);
+    sized(copy);
   }
+  function rendered() {
+    var svg = document.querySelector("#before-pane svg");
+    if (!svg) { return; }
+    var box = svg.getBoundingClientRect();
+    document.body.dataset.graphSize = Math.round(box.width) + "x" + Math.round(box.height);
+  }
+  // before and after side by side (the default) or one above the other, each then as wide
+  // as the page: for a wide graph
+  var stack = document.getElementById("stack");
+  stack.addEventListener("click", function () {
+    var stacked = document.getElementById("panes").classList.toggle("stacked");
+    stack.textContent = stacked ? "side by side" : "one above the other";
+    document.querySelectorAll("#panes svg").forEach(sized);
+    rendered();
+  });
+  document.querySelectorAll("#zoom button[data-zoom]").forEach(function (button) {
+    button.addEventListener("click", function () {
+      zoom = button.dataset.zoom;
+      document.querySelectorAll("#zoom button[data-zoom]").forEach(function (b) {
+        b.classList.toggle("on", b === button);
+      });
+      document.querySelectorAll("#panes svg").forEach(sized);
+      rendered();
+    });
+  });
   function show(i) {
     var entry = entries[i];
     select.value = String(i);
@@ -703,6 +770,7 @@ window.onerror = function (message, source, line) {
   if (wanted && wanted[1] === "miss" && Number(wanted[2]) < misses.length) {
     showMiss(misses[Number(wanted[2])]);
   }
+  rendered();
   document.body.dataset.rendered = "ok";
   console.log("graphopt-report: rendered " + entries.length + " entries");
 })();

@@ -5,10 +5,17 @@ outlines. The layout puts each box on the row of its topological rank (longest p
 source), orders every row by the mean position of its neighbours (a few barycenter sweeps, which
 keeps chains straight and crossings few), and draws edges as vertical cubic curves, so data
 always flows downwards and no arrowheads are needed.
+
+A tall graph (a ResNet or a transformer is mostly a long chain) is wrapped into columns, read
+like a newspaper: rows top to bottom, then the next column. The number of columns makes the
+drawing a little wider than it is tall (``ASPECT``), so a 50-200 node graph fits one or two screens
+when the page scales it to its pane. An edge that goes on in the next column is drawn as a stub
+leaving its producer and a stub entering its consumer, each ending in a small circle.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
@@ -22,6 +29,10 @@ MARGIN = 16
 SWEEPS = 4
 MAX_LABEL = 22
 WAYPOINT_W = 12
+ASPECT = 1.2  # width / height the column wrapping aims for (a pane is about this shape)
+GAP_COL = 56  # between two columns
+MIN_ROWS = 6  # rows in a column at least: a short graph stays one column
+ROW_STEP = GAP_Y + 14  # added to a row's height: the gap below it and an outline's label
 
 
 @dataclass
@@ -55,6 +66,7 @@ class Placed:
     y: float  # top
     box: Box | None  # None: a waypoint of an edge that skips rows
     height: float = BOX_H
+    column: int = 0
 
 
 @dataclass
@@ -114,8 +126,37 @@ def _routes(drawing: Drawing, rank: dict[str, int], rows: list[list[str]]) -> li
     return routes
 
 
+def columns(heights: Sequence[float], widths: Sequence[float]) -> list[int]:
+    """The first row of each column: the rows split, in order, into columns of about equal
+    height, as many as make the drawing's width / height closest to ``ASPECT`` (each column as
+    wide as its widest row)."""
+    if not heights:
+        return [0]
+    best: tuple[float, list[int]] | None = None
+    for count in range(1, max(1, len(heights) // MIN_ROWS) + 1):
+        starts = _split(heights, count)
+        bounds = list(zip(starts, [*starts[1:], len(heights)]))
+        width = sum(max(widths[a:b]) + GAP_COL for a, b in bounds) - GAP_COL
+        height = max(sum(heights[a:b]) for a, b in bounds)
+        miss = abs(math.log(max(width, 1.0) / max(height, 1.0) / ASPECT))
+        if best is None or miss < best[0]:
+            best = (miss, starts)
+    assert best is not None
+    return best[1]
+
+
+def _split(heights: Sequence[float], count: int) -> list[int]:
+    """First rows of ``count`` consecutive runs of rows of about equal total height."""
+    total, starts, height = sum(heights), [0], 0.0
+    for r, h in enumerate(heights):
+        if height >= total / count * len(starts) and len(starts) < count:
+            starts.append(r)
+        height += h
+    return starts
+
+
 def layout(drawing: Drawing) -> Layout:
-    """Place every box and waypoint, row by row."""
+    """Place every box and waypoint, row by row, wrapping the rows into columns."""
     rank = ranks(drawing.boxes, drawing.edges)
     rows: list[list[str]] = [[] for _ in range(max(rank.values(), default=-1) + 1)]
     for b in drawing.boxes:
@@ -129,18 +170,26 @@ def layout(drawing: Drawing) -> Layout:
         return BOX_W if key in by_key else WAYPOINT_W
 
     row_widths = [sum(width_of(k) + GAP_X for k in row) - GAP_X for row in rows]
-    width = max(row_widths, default=0) + 2 * MARGIN
+    row_heights = [
+        max((by_key[k].height for k in row if k in by_key), default=BOX_H) for row in rows
+    ]
+    starts = columns([h + ROW_STEP for h in row_heights], row_widths)
     placed: dict[str, Placed] = {}
-    y = float(MARGIN + 14)  # room for the label of an outline around the first row
-    for row, row_w in zip(rows, row_widths):
-        row_h = max((by_key[k].height for k in row if k in by_key), default=BOX_H)
-        x = (width - row_w) / 2
-        for key in row:
-            box = by_key.get(key)
-            placed[key] = Placed(x + width_of(key) / 2, y, box, box.height if box else row_h)
-            x += width_of(key) + GAP_X
-        y += row_h + GAP_Y + 14
-    return Layout(placed, routes, width, y + MARGIN)
+    left, bottom = float(MARGIN), 0.0
+    for c, (first, end) in enumerate(zip(starts, [*starts[1:], len(rows)])):
+        col_w = max(row_widths[first:end], default=0)
+        y = float(MARGIN + 14)  # room for the label of an outline around the first row
+        for r in range(first, end):
+            x = left + (col_w - row_widths[r]) / 2
+            for key in rows[r]:
+                box = by_key.get(key)
+                height = box.height if box else row_heights[r]
+                placed[key] = Placed(x + width_of(key) / 2, y, box, height, c)
+                x += width_of(key) + GAP_X
+            y += row_heights[r] + ROW_STEP
+        left += col_w + GAP_COL
+        bottom = max(bottom, y)
+    return Layout(placed, routes, left - GAP_COL + MARGIN, bottom + MARGIN)
 
 
 def _clip(text: str, n: int = MAX_LABEL) -> str:
@@ -172,17 +221,30 @@ def _box_svg(p: Placed) -> str:
     return "".join(parts)
 
 
+STUB = 12  # length of an edge's stub where it leaves one column and enters the next
+
+
 def _edge_svg(chain: list[Placed]) -> str:
-    """A vertical cubic curve between rows, straight down through each waypoint's row."""
+    """A vertical cubic curve between rows, straight down through each waypoint's row; where
+    the chain goes on in the next column, a stub out of the producer's column and a stub into
+    the consumer's, each ending in a small circle."""
     first = chain[0]
     path = [f"M{first.x:.1f},{first.y + first.height:.1f}"]
+    jumps = []
     for a, b in zip(chain, chain[1:]):
         y0, y1 = a.y + a.height, b.y
-        mid = (y0 + y1) / 2
-        path.append(f"C{a.x:.1f},{mid:.1f} {b.x:.1f},{mid:.1f} {b.x:.1f},{y1:.1f}")
+        if a.column != b.column:
+            path.append(f"L{a.x:.1f},{y0 + STUB:.1f} M{b.x:.1f},{y1 - STUB:.1f}")
+            jumps += [(a.x, y0 + STUB), (b.x, y1 - STUB)]
+        else:
+            mid = (y0 + y1) / 2
+            path.append(f"C{a.x:.1f},{mid:.1f} {b.x:.1f},{mid:.1f} {b.x:.1f},{y1:.1f}")
+        if a.column != b.column:
+            path.append(f"L{b.x:.1f},{y1:.1f}")
         if b.box is None:
             path.append(f"L{b.x:.1f},{b.y + b.height:.1f}")
-    return f'<path class="edge" d="{" ".join(path)}"/>'
+    circles = "".join(f'<circle class="jump" cx="{x:.1f}" cy="{y:.1f}" r="3"/>' for x, y in jumps)
+    return f'<path class="edge" d="{" ".join(path)}"/>' + circles
 
 
 def _outline_svg(label: str, members: list[Placed]) -> str:
@@ -211,6 +273,7 @@ def render(drawing: Drawing, caption: str = "") -> str:
     boxes = [_box_svg(p) for p in at.values() if p.box is not None]
     return (
         f'<svg class="graph" width="{lay.width:.0f}" height="{lay.height:.0f}" '
-        f'viewBox="0 0 {lay.width:.0f} {lay.height:.0f}" data-nodes="{len(boxes)}">'
+        f'viewBox="0 0 {lay.width:.0f} {lay.height:.0f}" data-nodes="{len(boxes)}" '
+        f'data-columns="{1 + max((p.column for p in at.values()), default=0)}">'
         f"<title>{escape(caption)}</title>" + "".join(edges + outlines + boxes) + "</svg>"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import io
 import logging
+import operator
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr
@@ -72,8 +73,99 @@ def graph_of(ep: Any, name: str) -> GraphModule:
             ) from None
     gm = ep.module()
     normalize(gm)
+    inline_wrapped_regions(gm, name)
     lift_state(gm, name)
     return gm
+
+
+def _wrappers() -> dict[Any, str]:
+    """torch.export's higher-order ops that wrap a region of the forward in a context manager,
+    by what they do (the names vary across torch versions: absent ones are left out)."""
+    hop = torch.ops.higher_order
+    found = {}
+    for attr, what in (("wrap_with_autocast", "autocast"), ("wrap_with_set_grad_enabled", "grad")):
+        if hasattr(hop, attr):
+            found[getattr(hop, attr)] = what
+    return found
+
+
+def inline_wrapped_regions(gm: GraphModule, name: str) -> None:
+    """Inline the regions torch.export keeps as submodules called through a higher-order op:
+    ``with torch.autocast(..., enabled=False)`` (EfficientViT computes its attention so) and
+    ``with torch.set_grad_enabled(...)``. For inference in fp32 both are no-ops, and inlined,
+    the region is ordinary ops that every pass, the float64 reference run and every backend
+    handle. A region that turns autocast *on* would compute in lower precision than the rest:
+    it is refused (``CaptureError``) rather than compiled to different numbers."""
+    wrappers = _wrappers()
+    for node in list(gm.graph.nodes):
+        what = wrappers.get(node.target) if node.op == "call_function" else None
+        if what is None:
+            continue
+        if what == "autocast":
+            _device, _dtype, enabled, *_ = node.args[:4]
+            if enabled:
+                raise CaptureError(
+                    f"{name}.forward runs a region under torch.autocast(enabled=True) "
+                    f"(node %{node.name}); graphopt compiles in the model's own precision. "
+                    "Remove the autocast context and ask for half precision with the "
+                    "'precision' pass (pipeline '-O2,precision{dtype=bf16}')"
+                )
+            body_at, args = 4, node.args[5:]
+        else:
+            body_at, args = 1, node.args[2:]
+        holder = node.args[body_at]
+        body = getattr(gm, holder.target) if isinstance(holder, torch.fx.Node) else holder
+        results = _inline(gm, node, body, args)
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(results[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:
+            raise CaptureError(
+                f"{name}.forward: cannot inline the {what} region %{node.name} (its results are "
+                "used other than one by one); remove the context manager from the forward"
+            )
+        gm.graph.erase_node(node)
+        if isinstance(holder, torch.fx.Node) and not holder.users:
+            gm.graph.erase_node(holder)
+            if not any(n.op == "get_attr" and n.target == holder.target for n in gm.graph.nodes):
+                delattr(gm, holder.target)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _inline(gm: GraphModule, at: torch.fx.Node, body: GraphModule, args: Any) -> list[Any]:
+    """Copy ``body``'s nodes into ``gm`` before ``at``, its placeholders bound to ``args``;
+    returns what its output node returns, mapped (a region's constants become ``gm``'s)."""
+    env: dict[torch.fx.Node, Any] = {}
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    env.update(zip(placeholders, args))
+    out: Any = ()
+    with gm.graph.inserting_before(at):
+        for sub in body.graph.nodes:
+            if sub.op == "placeholder":
+                continue
+            if sub.op == "output":
+                out = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a,
+                                      sub.args[0])  # fmt: skip
+                continue
+            if sub.op == "get_attr":
+                value = body
+                for part in str(sub.target).split("."):
+                    value = getattr(value, part)
+                target = f"{at.name}_{str(sub.target).replace('.', '_')}"
+                if isinstance(value, torch.nn.Parameter):
+                    gm.register_parameter(target, value)
+                elif isinstance(value, torch.Tensor):
+                    gm.register_buffer(target, value)
+                else:
+                    setattr(gm, target, value)
+                new = gm.graph.get_attr(target)
+                new.meta = dict(sub.meta)
+            else:
+                new = gm.graph.node_copy(sub, lambda n: env[n])
+            env[sub] = new
+    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 _NOISY_LOGGERS = (

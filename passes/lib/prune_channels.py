@@ -260,6 +260,7 @@ class _Analysis:
             if mapped is not None:
                 out, out_axis, offsets, rep = mapped
                 members, why = _trace_mapped(out, out_axis, offsets, rep)
+                members = _view_shape(out, out_axis, rep) + members
                 for m in members:
                     self._note(v, member=m)
                 if why:
@@ -274,6 +275,8 @@ class _Analysis:
             if out_axis is None:
                 self._note(v, reason=f"unsupported consumer {_op(user)} ({user.name})")
                 continue
+            for m in _view_shape(user, out_axis):
+                self._note(v, member=m)
             found.append((user, out_axis))
         return found
 
@@ -323,8 +326,8 @@ def _forward_axis(user: Node, v: Node, a: int) -> int | None:
         return a
     if t is aten.mean.dim and user.args[0] is v:
         return _spatial_mean(user, a)
-    if t is aten.flatten.using_ints and user.args[0] is v:
-        start, end = _flatten_range(user, v)
+    if (rng := _flatten_of(user, v)) is not None:
+        start, end = rng
         if a < start:
             return a
         if a > end:
@@ -360,11 +363,17 @@ def _identity_links(v: Node, a: int) -> tuple[list[tuple[Node, int]], list[Membe
         for ax in range(len(_shape(x))):
             if _spatial_mean(v, ax) == a:
                 return [(x, ax)], []
-    if t is aten.flatten.using_ints:
+    if _flatten_of(v, x) is not None:
         for ax in range(len(_shape(x))):
             if _forward_axis(v, x, ax) == a:
-                return [(x, ax)], []
+                return [(x, ax)], _view_shape(v, a)
     return None
+
+
+def _view_shape(view: Node, axis: int, rep: int = 1) -> list[Member]:
+    """A ``view``/``reshape`` spells its result's shape out: entry ``axis`` shrinks with the
+    channels (``flatten`` computes its own)."""
+    return [Member(view, "shape", 1, axis, rep=rep)] if view.target in RESHAPES else []
 
 
 def _consumer(
@@ -377,6 +386,30 @@ def _consumer(
         return [Member(user, "in", 1, 1, offsets, rep)]
     if user.target in CONVS and a == 1 and _groups(user) == 1:
         return [Member(user, "in", 1, 1, offsets, rep)]
+    return None
+
+
+def _flatten_of(node: Node, x: Any) -> tuple[int, int] | None:
+    """``(start, end)`` when ``node`` flattens dims ``start..end`` of its input ``x``: a
+    ``flatten``, or a ``view``/``reshape`` that merges one run of dims and keeps the others
+    (captured functional, ``nn.Flatten`` is a ``view``); None otherwise."""
+    if node.op != "call_function" or not node.args or node.args[0] is not x:
+        return None
+    if node.target is aten.flatten.using_ints:
+        return _flatten_range(node, x)
+    if node.target not in RESHAPES:
+        return None
+    before, after = [str(d) for d in _shape(x)], [str(d) for d in _shape(node)]
+    merged = len(before) - len(after)
+    if not before or not after or merged < 0:
+        return None
+    for start in range(len(after)):  # size-1 dims make more than one reading possible
+        end = start + merged
+        if before[:start] != after[:start] or before[end + 1 :] != after[start + 1 :]:
+            continue
+        sizes = [_size(x, d) for d in range(start, end + 1)]
+        if all(s is not None for s in sizes) and str(math.prod(sizes)) == after[start]:  # type: ignore[arg-type]
+            return start, end
     return None
 
 
@@ -403,8 +436,8 @@ def _mapped(user: Node, v: Node, a: int) -> tuple[Node, int, tuple[int, ...], in
         if any(s is None for s in before):
             return None
         return user, a, (sum(before),), 1  # type: ignore[arg-type]
-    if user.target is aten.flatten.using_ints and user.args[0] is v:
-        start, end = _flatten_range(user, v)
+    if (rng := _flatten_of(user, v)) is not None:
+        start, end = rng
         rep = _flat_rep(v, a, end)
         if a == start and rep is not None and rep > 1:
             return user, start, (0,), rep
@@ -435,7 +468,7 @@ def _trace_mapped(
             nxt, nax, noff, nrep = mapped
             inner = tuple(n + o * nrep for o in offsets for n in noff)
             more, why = _trace_mapped(nxt, nax, inner, rep * nrep)
-            members += more
+            members += _view_shape(nxt, nax, rep * nrep) + more
             if why:
                 return members, why
             continue
@@ -696,9 +729,13 @@ class _Plan:
     shrink: dict[tuple[Node, int, int], int] = field(default_factory=dict)
 
     def add(self, group: ChannelGroup, removed: Sequence[int]) -> None:
+        shrunk: set[tuple[Node, int, int]] = set()  # a group may reach a shape both ways
         for m in group.members:
             if m.role == "shape":
                 key = (m.node, m.arg, m.dim)
+                if key in shrunk:
+                    continue
+                shrunk.add(key)
                 self.shrink[key] = self.shrink.get(key, 0) + len(removed) * m.rep
             else:
                 key = (m.node, m.arg, m.dim)

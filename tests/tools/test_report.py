@@ -401,6 +401,47 @@ def test_layout_gives_a_skip_edge_its_own_lane() -> None:
             assert right.x - left.x >= svg.WAYPOINT_W + svg.GAP_X - 1e-6
 
 
+def test_a_long_chain_reads_in_columns_about_as_wide_as_tall() -> None:
+    # 120 ops in a chain: one column would be 120 rows (9,000+ px) tall and one box wide
+    boxes = [svg.Box(f"n{i}", f"op{i}") for i in range(120)]
+    edges = [(f"n{i}", f"n{i + 1}") for i in range(119)] + [("n3", "n40")]  # a skip edge too
+    lay = svg.layout(svg.Drawing(boxes, edges))
+    used = {p.column for p in lay.placed.values()}
+    assert len(used) >= 4 and used == set(range(len(used)))
+    assert 0.5 <= lay.width / lay.height <= 2.0
+    order = [lay.placed[f"n{i}"] for i in range(120)]  # read column by column, top to bottom
+    assert [p.column for p in order] == sorted(p.column for p in order)
+    for a, b in zip(order, order[1:]):
+        assert b.y > a.y or b.column == a.column + 1
+    for p in lay.placed.values():
+        assert 0 <= p.x - svg.BOX_W / 2 and p.x + svg.BOX_W / 2 <= lay.width
+    # an edge that goes on in the next column: two stubs, each ending in a circle
+    text = svg.render(svg.Drawing(boxes, edges))
+    crossing = [
+        (a, b)
+        for chain in lay.routes
+        for a, b in zip(chain, chain[1:])
+        if lay.placed[a].column != lay.placed[b].column
+    ]
+    assert len(crossing) >= len(used) - 1  # the chain itself crosses every column break
+    assert text.count('<circle class="jump"') == 2 * len(crossing)
+    assert f'data-columns="{len(used)}"' in text
+    # a short graph stays one column
+    small = svg.layout(svg.Drawing(boxes[:5], edges[:4]))
+    assert {p.column for p in small.placed.values()} == {0}
+
+
+def test_removed_weights_are_named_where_no_node_shows_them(pages: dict[str, Page]) -> None:
+    # resnet -O1: fold-bn leaves the batch norms' and convs' old weights unused; dce removes them
+    notes = [e["note"] for e in pages["resnet"].entries if e["label"].startswith("cleanup:dce")]
+    assert any(re.search(r"Removed \d+ weight\(s\)/constant\(s\) that are not drawn", n)
+               for n in notes), notes  # fmt: skip
+    assert report.removed_note([]) == ""
+    assert report.removed_note(list("abcdefghij"), shown=3) == (
+        "Removed 10 weight(s)/constant(s) that are not drawn as nodes: a, b, c, ... (7 more)."
+    )
+
+
 # -- in headless Chromium -------------------------------------------------------------------------
 
 
@@ -410,9 +451,10 @@ class Rendered:
     console: list[str]
 
 
-def chromium(url: str, tmp_path: Path) -> Rendered:
+def chromium(url: str, tmp_path: Path, *extra: str) -> Rendered:
     """Load ``url`` in headless Chromium; the DOM after the page's script ran, and every console
-    message (Chromium logs each one to stderr as a ``CONSOLE`` line)."""
+    message (Chromium logs each one to stderr as a ``CONSOLE`` line). ``extra``: more flags
+    (a window size, a screenshot)."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.fail(
@@ -423,7 +465,8 @@ def chromium(url: str, tmp_path: Path) -> Rendered:
     argv = [
         exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--dump-dom", url,
+        f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *extra, "--dump-dom",
+        url,
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"chromium failed ({done.returncode}): {done.stderr[-2000:]}"
@@ -456,6 +499,31 @@ def test_renders_in_headless_chromium_without_console_errors(
     assert [b.attrs["data-record"] for b in selected] == [str(page.entries[start]["record"])]
     assert len(shown.dom.by_id("pass-select").find_all("option")) == len(page.entries)
     assert shown.dom.by_id("legend").find_all("span", "swatch")
+
+
+def test_a_resnet_reads_on_one_screen(pages: dict[str, Page], tmp_path: Path) -> None:
+    """The 54-node ResNet once drew as one column 356 x 3,946 px; now its columns are scaled to
+    the pane of a 1600 x 1000 window and the whole graph fits on one screen."""
+    page = pages["resnet"]
+    size = ["--window-size=1600,1000", "--hide-scrollbars"]
+    shown = chromium(page.path.as_uri(), tmp_path, *size)
+    (body,) = shown.dom.find_all("body")
+    width, height = map(int, body.attrs["data-graph-size"].split("x"))
+    assert 300 < width <= 800 and 150 < height <= 1000, (width, height)
+    (before,) = shown.dom.by_id("before-pane").find_all("svg")
+    assert int(before.attrs["data-columns"]) >= 2
+    # and a screenshot: Chromium draws the page (not a blank one) at that size
+    shot = tmp_path / "resnet.png"
+    subprocess.run(
+        [shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
+         f"--user-data-dir={tmp_path / 'shot-profile'}", *size, f"--screenshot={shot}",
+         page.path.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (1600, 1000)
+    assert len(data) > 20_000  # boxes, edges and text, not an empty page
 
 
 def test_address_hash_opens_one_pass(pages: dict[str, Page], tmp_path: Path) -> None:
