@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compile a zoo CNN and transformer and print their reports")
     common(p)
-    p.set_defaults(func=cmd_demo, pipeline="-O2")
+    p.set_defaults(func=cmd_demo, pipeline="-O2", backend="aten")
     return parser
 
 

@@ -190,3 +190,12 @@ def test_near_miss_lines_are_not_wrapped(capsys: pytest.CaptureFixture[str]) -> 
     whole = [ln for ln in lines if ln.startswith("    %") and ln.endswith(reason)]
     assert whole, "the near-miss reason is not on one line"
     assert not any(ln.startswith("(kernels are CUDA-only)") for ln in lines)
+
+
+def test_demo_runs_as_the_readme_runs_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """``graphopt demo`` (the README's first command) compiles both zoo models and prints their
+    reports; it once failed on an option only ``compile`` defines."""
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet  pipeline" in out and "bert  pipeline" in out
+    assert out.count("max |compiled - eager| over outputs") == 2
