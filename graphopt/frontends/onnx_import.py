@@ -9,10 +9,12 @@ dynamic -> the same FX GraphModule of ATen ops a torch capture gives.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,7 @@ from graphopt.frontends.onnx_ops import (
     OnnxNode,
     ShapeVal,
     T,
+    recording_value_reads,
 )
 from graphopt.frontends.signature import InputSignature, TensorSpec
 
@@ -323,6 +326,7 @@ class OnnxModule(torch.nn.Module):
         self.inputs = tuple(_input_info(i) for i in graph.input if i.name not in init_names)
         self.output_names = tuple(o.name for o in graph.output)
         self._ops: list[_Op] = []
+        self._pinned: dict[int, ShapeVal] = {}  # input index -> its compile-time value
         for i, node in enumerate(graph.node):
             attrs = _attrs(node)
             if node.op_type == "Constant":
@@ -358,6 +362,12 @@ class OnnxModule(torch.nn.Module):
         self._attr_of[name] = attr
 
     def forward(self, *args: Any) -> Any:
+        env = self._run(args)
+        results = tuple(T(env[name]) for name in self.output_names)
+        return results[0] if len(results) == 1 else results
+
+    def _run(self, args: tuple[Any, ...]) -> dict[str, Any]:
+        """Every value of the graph, by ONNX name, on ``args``."""
         if len(args) != len(self.inputs):
             raise OnnxImportError(
                 f"the ONNX model takes {len(self.inputs)} input(s) "
@@ -369,6 +379,8 @@ class OnnxModule(torch.nn.Module):
         }
         env.update({name: getattr(self, attr) for name, attr in self._attr_of.items()})
         env.update({i.name: a for i, a in zip(self.inputs, args)})
+        for index, value in self._pinned.items():  # numbers as compiled, the tensor as passed
+            env[self.inputs[index].name] = dataclasses.replace(value, const=args[index])
         for op in self._ops:
             n = op.node
             call = OnnxNode(n.op, n.name, [env[x] if x else None for x in n.inputs], n.attrs,
@@ -378,8 +390,47 @@ class OnnxModule(torch.nn.Module):
             for name, value in zip(op.outputs, outs):
                 if name:
                     env[name] = value
-        results = tuple(T(env[name]) for name in self.output_names)
-        return results[0] if len(results) == 1 else results
+        return env
+
+    def inputs_read_as_numbers(self, args: tuple[Any, ...]) -> dict[int, ShapeVal]:
+        """The inputs whose numbers an op reads on ``args`` (a Reshape's shape, a TopK's k),
+        directly or through shape arithmetic (``Max(Shape(x), shape)`` into a Pad's pads), as
+        the ShapeVals to specialize them to. Through other values, only inputs of at most
+        SHAPE_VAL_MAX elements and rank <= 1 count: ``x`` in ``Shape(x)`` stays data."""
+        with recording_value_reads() as read:
+            env = self._run(args)
+        read_names = [k for k, v in env.items() if isinstance(v, torch.Tensor) and id(v) in read]
+        index = {info.name: i for i, info in enumerate(self.inputs)}
+        deps: dict[str, set[int]] = {name: {i} for name, i in index.items()}
+        for op in self._ops:
+            d = set().union(*(deps.get(x, set()) for x in op.node.inputs if x))
+            for out in op.outputs:
+                deps[out] = d
+        pinned: set[int] = set()
+        for name in read_names:
+            if name in index:
+                pinned.add(index[name])
+                continue
+            pinned |= {
+                i
+                for i in deps.get(name, ())
+                if args[i].dim() <= 1 and args[i].numel() <= SHAPE_VAL_MAX
+            }
+        return {
+            i: ShapeVal(args[i].reshape(-1).tolist(), args[i].dim() == 0, args[i].dtype)
+            for i in sorted(pinned)
+            if isinstance(args[i], torch.Tensor)
+        }
+
+    @contextlib.contextmanager
+    def pinned(self, values: dict[int, ShapeVal]) -> Iterator[None]:
+        """Within the block, ops that read inputs ``values`` as numbers (a Reshape's shape, a
+        TopK's k) get these Python values, so torch.export sees constants, not data."""
+        before, self._pinned = self._pinned, dict(values)
+        try:
+            yield
+        finally:
+            self._pinned = before
 
     def example_inputs(self, seed: int = 0, batch: int | None = None) -> tuple[torch.Tensor, ...]:
         """Seeded inputs from the ONNX input types: symbolic dims get small sizes (dim 0:
@@ -497,19 +548,25 @@ def capture_onnx(
     info["output_names"] = list(module.output_names)
     with torch.no_grad():
         try:
-            module(*args)
+            pinned = module.inputs_read_as_numbers(args)
         except Exception as exc:
             raise OnnxImportError(
                 f"{info['file']}: running the imported graph on the example inputs failed: "
                 f"{type(exc).__name__}: {first_line(exc)}. Check the inputs' shapes and dtypes "
                 f"against the ONNX inputs {[(i.name, str(i.dtype), i.dims) for i in module.inputs]}"
             ) from exc
+        info["pinned_inputs"] = {
+            i: {"name": module.inputs[i].name, "values": v.values} for i, v in pinned.items()
+        }
         ep = None
         dynamic = module.dynamic_shapes(args) if dynamic_batch else None
+        if dynamic is not None:
+            dynamic = [None if i in pinned else d for i, d in enumerate(dynamic)]
         if dynamic is not None and any(d for d in dynamic):
             wide = tuple(_widen(a, d) for a, d in zip(args, dynamic))
             try:
-                ep = export_program(module, wide, {}, {"args": tuple(dynamic)})  # forward(*args)
+                with module.pinned(pinned):
+                    ep = export_program(module, wide, {}, {"args": tuple(dynamic)})
             except Exception as exc:
                 info["static_reason"] = f"{type(exc).__name__}: {first_line(exc)}"
         elif dynamic_batch:
@@ -519,7 +576,8 @@ def capture_onnx(
         if ep is None:
             args = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, args)
             try:
-                ep = export_program(module, args, {}, None)
+                with module.pinned(pinned):
+                    ep = export_program(module, args, {}, None)
             except Exception as exc:
                 raise OnnxImportError(
                     f"{info['file']}: torch.export could not capture the imported graph: "
@@ -573,4 +631,9 @@ def input_signature(args: tuple[Any, ...], info: dict[str, Any]) -> Any:
             leaves.append(TensorSpec(str(a.dtype), shape, a.device.type))
         else:
             leaves.append(None)
-    return InputSignature(len(args), (), tuple(leaves), bool(info.get("dynamic_batch")), False)
+    pinned = tuple(
+        (int(i), p["name"], tuple(p["values"])) for i, p in info.get("pinned_inputs", {}).items()
+    )
+    return InputSignature(
+        len(args), (), tuple(leaves), bool(info.get("dynamic_batch")), False, pinned
+    )

@@ -12,9 +12,12 @@ Users add an op with ``OPS["MyOp"] = fn`` before importing.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import operator
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +112,28 @@ def L(v: Any) -> list[Any]:
     """The value as a Python list (constant tensors only; a ShapeVal keeps its SymInts)."""
     if isinstance(v, ShapeVal):
         return list(v.values)
+    seen = _VALUE_READS.get()
+    if seen is not None:
+        seen.add(id(v))
     return [x for x in v.reshape(-1).tolist()]
+
+
+# ids of the tensors whose numbers an op read with L()/scalar() (a Reshape's shape, a TopK's k):
+# the importer specializes graph inputs read this way (see onnx_import.capture_onnx)
+_VALUE_READS: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar(
+    "graphopt_onnx_value_reads", default=None
+)
+
+
+@contextlib.contextmanager
+def recording_value_reads() -> Iterator[set[int]]:
+    """Within the block, collect the ids of the tensors ops read as Python numbers."""
+    seen: set[int] = set()
+    token = _VALUE_READS.set(seen)
+    try:
+        yield seen
+    finally:
+        _VALUE_READS.reset(token)
 
 
 def scalar(v: Any) -> Any:
@@ -212,8 +236,18 @@ def _python_scalar(v: Any, other: torch.Tensor) -> Any:
 _COMPARE = (torch.eq, torch.lt, torch.gt, torch.le, torch.ge)
 
 
-def unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[OnnxNode], Any]:
-    return lambda n: fn(T(n.inputs[0]))
+def unary(
+    fn: Callable[[torch.Tensor], torch.Tensor], list_fn: Callable[[Any], Any] | None = None
+) -> Callable[[OnnxNode], Any]:
+    """An elementwise unary op; on an integer ShapeVal it computes in Python (like binary)."""
+
+    def run(n: OnnxNode) -> Any:
+        x = n.inputs[0]
+        if list_fn is not None and isinstance(x, ShapeVal) and x.dtype in _INT_DTYPES:
+            return ShapeVal([list_fn(v) for v in x.values], x.scalar, x.dtype)
+        return fn(T(x))
+
+    return run
 
 
 def variadic(fn: Callable[[Any, Any], Any]) -> Callable[[OnnxNode], Any]:
@@ -279,10 +313,21 @@ def _cast(n: OnnxNode) -> Any:
     return _cast_to(n.inputs[0], dtype)
 
 
+_STRUCT_FLOAT = {torch.float64: "d", torch.float32: "f", torch.float16: "e"}
+
+
 def _cast_to(x: Any, dtype: torch.dtype) -> Any:
     if isinstance(x, ShapeVal) and dtype in _INT_DTYPES:
         values = [int(v) if isinstance(v, (bool, float)) else v for v in x.values]  # truncates
         return ShapeVal(values, x.scalar, dtype)
+    if isinstance(x, ShapeVal) and x.scalar and dtype in _STRUCT_FLOAT:
+        # a constant scalar (a Pad value, an epsilon) stays a Python number, rounded to dtype
+        code, v = _STRUCT_FLOAT[dtype], x.values[0]
+        if type(v) in (int, float, bool):
+            try:
+                return ShapeVal([struct.unpack(code, struct.pack(code, float(v)))[0]], True, dtype)
+            except OverflowError:  # out of float16's range: torch's cast gives inf
+                pass
     return T(x).to(dtype)
 
 
@@ -494,10 +539,11 @@ def _pool(n: OnnxNode, kind: str) -> Any:
         if not symmetric:
             x, pads = F.pad(x, _torch_pad(pads), value=float("-inf")), [0] * (2 * k)
         return pool(x, kernel, strides, pads[:k], dilations, ceil_mode=ceil)
-    if any(d != 1 for d in dilations):
-        raise unsupported(n, "AveragePool with dilations")
-    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[k - 1]
     include = bool(n.attr("count_include_pad", 0))
+    if any(d != 1 for d in dilations):  # torch's avg_pool has no dilation: sum the windows
+        total, cells = _window_sum(x, kernel, strides, dilations, pads, ceil, include)
+        return total / cells
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[k - 1]
     if symmetric:
         return pool(x, kernel, strides, pads[:k], ceil_mode=ceil, count_include_pad=include)
     # asymmetric pads: sum over the padded window, divided by the count of (real) cells in it
@@ -507,6 +553,39 @@ def _pool(n: OnnxNode, kind: str) -> Any:
         return total / area
     ones = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(pads))
     return total / (pool(ones, kernel, strides, 0, ceil_mode=ceil) * area)
+
+
+def _window_sum(
+    x: torch.Tensor,
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    pads: list[int],
+    ceil: bool,
+    include_pad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output cell of a (dilated) pooling window: the sum of x over the window and the count
+    of cells summed (pad cells count when ``include_pad``; cells past the pads, which ceil_mode's
+    last window reaches, never do), with unfold along each spatial dim."""
+    k = len(kernel)
+    ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype)
+    xs, mask = F.pad(x, _torch_pad(pads)), F.pad(ones, _torch_pad(pads), value=float(include_pad))
+    extra = []
+    for i in range(k):
+        span = (kernel[i] - 1) * dilations[i] + 1
+        size = x.shape[2 + i] + pads[i] + pads[k + i]
+        out = (size - span + (strides[i] - 1 if ceil else 0)) // strides[i] + 1
+        if ceil and (out - 1) * strides[i] >= x.shape[2 + i] + pads[i]:
+            out -= 1  # a last window that starts in the end padding is dropped
+        extra.append(max(0, (out - 1) * strides[i] + span - size))
+    tail = _torch_pad([0] * k + extra)
+    xs, mask = F.pad(xs, tail), F.pad(mask, tail)
+    for i in range(k):
+        span = (kernel[i] - 1) * dilations[i] + 1
+        xs = xs.unfold(2 + i, span, strides[i])[..., :: dilations[i]]
+        mask = mask.unfold(2 + i, span, strides[i])[..., :: dilations[i]]
+    window = tuple(range(-k, 0))
+    return xs.sum(window), mask.sum(window)
 
 
 def _max_pool_indices(
@@ -521,11 +600,16 @@ def _max_pool_indices(
     ok: bool,
 ) -> Any:
     """MaxPool's Indices output: torch's per-plane flat indices, offset to whole-tensor ones."""
-    if not ok or n.attr("storage_order", 0):
-        raise unsupported(n, "MaxPool Indices with asymmetric pads or storage_order=1")
+    if not ok:
+        raise unsupported(n, "MaxPool Indices with asymmetric pads")
     k = len(kernel)
     y, idx = pool(x, kernel, strides, pads[:k], dil, ceil_mode=ceil, return_indices=True)
     plane = math.prod(x.shape[2:])
+    if n.attr("storage_order", 0):  # column-major: the spatial coordinates' strides reversed
+        dims, col = list(x.shape[2:]), torch.zeros_like(idx)
+        for d in range(k):  # coordinate d: (idx // row-major stride) % size, times col-major's
+            col = col + (idx // math.prod(dims[d + 1 :])) % dims[d] * math.prod(dims[:d])
+        idx = col
     offset = torch.arange(x.shape[0] * x.shape[1]).reshape(x.shape[0], x.shape[1], *([1] * k))
     return y, idx + offset * plane
 
@@ -536,8 +620,12 @@ def _lp_pool(n: OnnxNode) -> Any:
     k = len(kernel)
     strides = list(n.attr("strides", [1] * k))
     p = n.attr("p", 2)
-    if any(d != 1 for d in n.attr("dilations", [1] * k)) or n.attr("ceil_mode", 0):
-        raise unsupported(n, "LpPool with dilations or ceil_mode")
+    dilations = list(n.attr("dilations", [1] * k))
+    if any(d != 1 for d in dilations) or n.attr("ceil_mode", 0):
+        pads = _spatial_pads(n, x, kernel, strides, dilations)
+        ceil = bool(n.attr("ceil_mode", 0))
+        total, _ = _window_sum(x.abs() ** p, kernel, strides, dilations, pads, ceil, True)
+        return total ** (1.0 / p)
     pads = _spatial_pads(n, x, kernel, strides, [1] * k)
     x = F.pad(x, _torch_pad(pads))
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[k - 1]
@@ -546,9 +634,18 @@ def _lp_pool(n: OnnxNode) -> Any:
 
 def _batch_norm(n: OnnxNode) -> Any:
     x, scale, bias, mean, var = (T(v) for v in n.inputs[:5])
-    if n.attr("training_mode", 0) or n.n_outputs > 1:
-        raise unsupported(n, "BatchNormalization in training mode")
-    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, n.attr("epsilon", 1e-5))
+    eps = n.attr("epsilon", 1e-5)
+    if not n.attr("training_mode", 0) and n.n_outputs == 1:
+        return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
+    if n.opset < 14:
+        raise unsupported(n, "BatchNormalization training outputs before opset 14")
+    # training mode: normalized with the batch's statistics; the running ones are updated as
+    # running * momentum + batch * (1 - momentum), with the population variance (onnx.reference)
+    dims = [d for d in range(x.dim()) if d != 1]
+    batch_mean, batch_var = x.mean(dims), x.var(dims, correction=0)
+    y = F.batch_norm(x, batch_mean, batch_var, scale, bias, False, 0.0, eps)
+    m = n.attr("momentum", 0.9)
+    return y, mean * m + batch_mean * (1 - m), var * m + batch_var * (1 - m)
 
 
 def _layer_norm(n: OnnxNode) -> Any:
@@ -626,10 +723,16 @@ def _gather_elements(n: OnnxNode) -> Any:
 
 def _gather_nd(n: OnnxNode) -> Any:
     data, idx = T(n.inputs[0]), T(n.inputs[1])
-    if n.attr("batch_dims", 0):
-        raise unsupported(n, "GatherND with batch_dims")
-    m = idx.shape[-1]
-    return data[tuple(idx[..., i] for i in range(m))]
+    b, m = n.attr("batch_dims", 0), idx.shape[-1]
+    if not b:
+        return data[tuple(idx[..., i] for i in range(m))]
+    # the leading b dims are shared: flatten them into one, index it with its own position
+    batch = list(data.shape[:b])
+    data = data.reshape(-1, *data.shape[b:])
+    idx = idx.reshape(-1, *idx.shape[b:]).long()
+    rows = torch.arange(data.shape[0]).reshape(-1, *([1] * (idx.dim() - 2)))
+    out = data[(rows, *(idx[..., i] for i in range(m)))]
+    return out.reshape(*batch, *out.shape[1:])
 
 
 def _unsqueeze(n: OnnxNode) -> Any:
@@ -668,9 +771,9 @@ def _reshape(n: OnnxNode) -> Any:
     dims = list(x.shape) if not isinstance(x, ShapeVal) else ([] if x.scalar else [len(x.values)])
     if not n.attr("allowzero", 0):
         shape = [dims[i] if (isinstance(s, int) and s == 0) else s for i, s in enumerate(shape)]
-    if isinstance(x, ShapeVal):
+    if isinstance(x, ShapeVal) and len(shape) <= 1:
         return ShapeVal(list(x.values), len(shape) == 0, x.dtype)
-    return x.reshape(shape)
+    return T(x).reshape(shape)  # a ShapeVal reshaped to 2-D or more is a tensor again
 
 
 def _flatten(n: OnnxNode) -> Any:
@@ -785,6 +888,10 @@ def _constant_of_shape(n: OnnxNode) -> Any:
 def _range(n: OnnxNode) -> Any:
     start, limit, delta = (scalar(v) for v in n.inputs[:3])
     dtype = T(n.inputs[0]).dtype if not isinstance(n.inputs[0], ShapeVal) else n.inputs[0].dtype
+    known = all(type(v) is int for v in (start, limit, delta))
+    if known and dtype in _INT_DTYPES and len(range(start, limit, delta)) <= SHAPE_VAL_MAX:
+        # an axis list (RMSNormalization's expanded body: Range(axis, rank)) stays a ShapeVal
+        return ShapeVal(list(range(start, limit, delta)), False, dtype)
     return torch.arange(start, limit, delta, dtype=dtype)
 
 
@@ -1075,10 +1182,20 @@ def _scatter_nd(n: OnnxNode) -> Any:
     if reduce == "none":
         out[key] = upd
         return out
-    ops = {"add": torch.Tensor.index_put_, "mul": None, "max": None, "min": None}
     if reduce == "add":
-        return ops["add"](out, key, upd, accumulate=True)
-    raise unsupported(n, f"ScatterND reduction {reduce!r}")
+        return out.index_put_(key, upd, accumulate=True)
+    names = {"mul": "prod", "max": "amax", "min": "amin"}
+    if reduce not in names:
+        raise unsupported(n, f"ScatterND reduction {reduce!r}")
+    # the indexed dims flattened into one: a scatter_reduce along it
+    lead, rest = list(data.shape[:m]), list(data.shape[m:])
+    row = torch.zeros_like(idx[..., 0])
+    for i in range(m):
+        row = row * lead[i] + torch.where(idx[..., i] < 0, idx[..., i] + lead[i], idx[..., i])
+    flat_upd = upd.reshape(-1, *rest)
+    index = row.reshape(-1, *([1] * len(rest))).expand_as(flat_upd)
+    flat = data.reshape(-1, *rest).scatter_reduce(0, index, flat_upd, names[reduce])
+    return flat.reshape(data.shape)
 
 
 def _bit_shift(n: OnnxNode) -> Any:
@@ -1249,8 +1366,8 @@ OPS: dict[str, Callable[[OnnxNode], Any]] = {
     "Min": _min,  # elementwise min of n inputs
     "Sum": variadic(torch.add),  # a + b + ...
     "Mean": _mean,  # (a + b + ...) / n
-    "Neg": unary(torch.neg),  # -x
-    "Abs": unary(torch.abs),  # |x|
+    "Neg": unary(torch.neg, operator.neg),  # -x
+    "Abs": unary(torch.abs, abs),  # |x|
     "Reciprocal": unary(torch.reciprocal),  # 1 / x
     "Sqrt": unary(torch.sqrt),  # sqrt(x)
     "Exp": unary(torch.exp),  # e ** x

@@ -35,6 +35,9 @@ class InputSignature:
     leaves: tuple[TensorSpec | None, ...]  # None for non-tensor leaves
     dynamic_batch: bool
     shared_batch: bool = False
+    # inputs the model was specialized to (an imported ONNX Reshape's shape, a TopK's k):
+    # (index, name, the values compiled for); another value at call time is a mismatch
+    values: tuple[tuple[int, str, tuple[Any, ...]], ...] = ()
 
     @staticmethod
     def of(args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_batch: bool) -> InputSignature:
@@ -108,6 +111,14 @@ class InputSignature:
                         f"inputs {batch[0]} and {i} must have the same batch size (dim 0), as in "
                         f"example_inputs; got {batch[1]} and {leaf.shape[0]}"
                     )
+        for i, name, expected in self.values:
+            got = leaves[i].reshape(-1).tolist()
+            if got != list(expected):
+                raise InputMismatchError(
+                    f"input {i} ({name!r}) holds values the model reads as a shape, axes or a "
+                    f"size, so it was compiled for {list(expected)}; got {got}. Compile again "
+                    "with this value in the example inputs (or make it a constant of the model)"
+                )
         return leaves
 
     def _mismatch(self, i: int, leaf: Any) -> InputMismatchError:

@@ -142,6 +142,7 @@ def save(compiled: CompiledModule, path: str | Path) -> None:
             "kwarg_names": list(sig.kwarg_names),
             "leaves": [asdict(s) for s in sig.leaves if s is not None],
             "dynamic_batch": sig.dynamic_batch,
+            "values": [[i, name, list(v)] for i, name, v in sig.values],
         },
     }
     try:
@@ -193,6 +194,7 @@ def load(path: str | Path) -> CompiledModule:
             tuple(TensorSpec(d["dtype"], tuple(d["shape"]), d["device"]) for d in s["leaves"]),
             s["dynamic_batch"],
             s.get("shared_batch", False),
+            tuple((int(i), name, tuple(v)) for i, name, v in s.get("values", [])),
         )
         pipeline, target = meta["pipeline"], meta["target"]
     except (KeyError, TypeError) as exc:

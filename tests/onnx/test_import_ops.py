@@ -376,3 +376,55 @@ def test_unsupported_resize_mode_is_refused_by_name() -> None:
     )
     with pytest.raises(graphopt.OnnxImportError, match="'up'.*tf_crop_and_resize"):
         module(torch.randn(1, 1, 2, 2))
+
+
+def test_shape_input_is_specialized_and_guarded(tmp_path: Path) -> None:
+    # Reshape(x, shape) with `shape` a graph input: torch.export cannot trace a shape that is
+    # data, so the compiled model is specialized to the example's [3, 8] and checks it per call.
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["r"]),
+        helper.make_node("Add", ["r", "r"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", F32, [4, 6])
+    shape = helper.make_tensor_value_info("shape", TensorProto.INT64, [2])
+    y = helper.make_tensor_value_info("y", F32, None)
+    model = _model(nodes, [x, shape], [y])
+    data, target = _rand(4, 6), np.array([3, 8], dtype=np.int64)
+    args = (torch.from_numpy(data), torch.from_numpy(target))
+    compiled = graphopt.compile(model, args, pipeline="-O2")
+    assert compiled.report.capture["pinned_inputs"] == {1: {"name": "shape", "values": [3, 8]}}
+    got = compiled(*args)
+    np.testing.assert_allclose(got.numpy(), _ort(model, {"x": data, "shape": target})[0])
+    with pytest.raises(
+        graphopt.InputMismatchError, match=r"input 1 \('shape'\).*\[3, 8\].*\[2, 12\]"
+    ):
+        compiled(args[0], torch.tensor([2, 12]))
+    graphopt.save(compiled, tmp_path / "pinned.graphopt")  # the guard survives save/load
+    loaded = graphopt.load(tmp_path / "pinned.graphopt")
+    np.testing.assert_array_equal(loaded(*args).numpy(), got.numpy())
+    with pytest.raises(graphopt.InputMismatchError, match=r"compiled for \[3, 8\]"):
+        loaded(args[0], torch.tensor([6, 4]))
+
+
+def test_input_used_as_data_stays_data() -> None:
+    # `k` is both TopK's k (read as a number: specialized) and added to the values (data); `b`
+    # is only data: it is not specialized, and other values of it give other results.
+    nodes = [
+        helper.make_node("TopK", ["x", "k"], ["v", "i"]),
+        helper.make_node("Cast", ["k"], ["kf"], to=F32),
+        helper.make_node("Add", ["v", "kf"], ["w"]),
+        helper.make_node("Add", ["w", "b"], ["y"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", F32, [2, 6]),
+        helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+        helper.make_tensor_value_info("b", F32, [1]),
+    ]
+    model = _model(nodes, inputs, [helper.make_tensor_value_info("y", F32, None)])
+    x, k = _rand(2, 6), np.array([3], dtype=np.int64)
+    compiled = graphopt.compile(model, tuple(torch.from_numpy(a) for a in (x, k, x[0, :1])))
+    assert set(compiled.report.capture["pinned_inputs"]) == {1}
+    for b in (np.array([0.5], np.float32), np.array([-2.0], np.float32)):
+        feeds = {"x": x, "k": k, "b": b}
+        got = compiled(*(torch.from_numpy(a) for a in feeds.values()))
+        np.testing.assert_allclose(got.numpy(), _ort(model, feeds)[0], rtol=1e-6)
