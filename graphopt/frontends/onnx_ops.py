@@ -1224,11 +1224,98 @@ def _non_zero(n: OnnxNode) -> Any:
     return torch.nonzero(T(n.inputs[0])).t()  # data-dependent size: eager only, not exportable
 
 
+def _nearest_index(
+    out: int, size: int, scale: float, ctm: str, nearest: str, declared: float
+) -> list[int]:
+    """ONNX Resize's source index of each of ``out`` output positions along one axis of
+    ``size`` (onnx.reference's op_resize): the coordinate transform, then the nearest mode,
+    clamped to the edge. ``declared`` is the output width as the scale states it
+    (``scale * size``, fractional when the size was rounded)."""
+    index = []
+    for y in range(out):
+        if ctm == "align_corners":
+            x = 0.0 if declared == 1 else y * (size - 1) / (declared - 1)
+        elif ctm == "asymmetric":
+            x = y / scale
+        elif ctm == "pytorch_half_pixel":
+            x = -0.5 if declared == 1 else (y + 0.5) / scale - 0.5
+        elif ctm == "half_pixel":
+            x = (y + 0.5) / scale - 0.5
+        elif ctm == "half_pixel_symmetric":
+            x = size / 2 * (1 - out / declared) + (y + 0.5) / scale - 0.5
+        elif ctm == "tf_half_pixel_for_nn":
+            x = (y + 0.5) / scale
+        else:
+            raise ValueError(ctm)
+        low = math.floor(x)
+        ratio = x - low
+        if ratio == 0:
+            pick = low
+        elif nearest == "round_prefer_floor":
+            pick = low if ratio <= 0.5 else low + 1
+        elif nearest == "round_prefer_ceil":
+            pick = low if ratio < 0.5 else low + 1
+        elif nearest == "floor":
+            pick = low
+        elif nearest == "ceil":
+            pick = low + 1
+        else:
+            raise ValueError(nearest)
+        index.append(min(max(pick, 0), size - 1))
+    return index
+
+
+NEAREST_CTMS = (
+    "align_corners", "asymmetric", "pytorch_half_pixel", "half_pixel", "half_pixel_symmetric",
+    "tf_half_pixel_for_nn",
+)  # fmt: skip
+
+
+def _resize_nearest(n: OnnxNode, x: Any, scales: Any, sizes: Any) -> Any:
+    """Resize in nearest mode, any coordinate transform, nearest mode, ``axes`` and
+    ``keep_aspect_ratio_policy``, as a gather of precomputed source indices along each resized
+    axis (the resized dims must be static; the others, batch included, stay dynamic)."""
+    ctm = n.attr("coordinate_transformation_mode", "half_pixel")
+    nearest = n.attr("nearest_mode", "round_prefer_floor")
+    policy = n.attr("keep_aspect_ratio_policy", "stretch")
+    if ctm not in NEAREST_CTMS or nearest not in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"):  # fmt: skip
+        raise unsupported(n, f"Resize nearest with {ctm}/{nearest}")
+    rank = x.dim()
+    axes = [a % rank for a in (n.attr("axes") or range(rank))]
+    have = [x.shape[a] for a in axes]
+    if not all(isinstance(d, int) for d in have):
+        raise unsupported(n, "Resize nearest of a dim whose size is not fixed")
+    if sizes is not None and L(sizes):
+        want = [int(v) for v in L(sizes)]
+        factors = [w / h for w, h in zip(want, have)]
+        if policy in ("not_larger", "not_smaller"):
+            scale = min(factors) if policy == "not_larger" else max(factors)
+            factors = [scale] * len(axes)
+            want = [int(scale * h + 0.5) for h in have]
+        declared = [f * h for f, h in zip(factors, have)]
+    else:
+        factors = [float(v) for v in L(scales)]
+        declared = [f * h for f, h in zip(factors, have)]
+        want = [int(d) for d in declared]
+    for axis, size, out, f, d in zip(axes, have, want, factors, declared):
+        if out == size and f == 1.0:
+            continue
+        index = _nearest_index(out, size, f, ctm, nearest, d)
+        x = x.index_select(axis, torch.tensor(index, dtype=torch.long, device=x.device))
+    return x
+
+
 def _resize(n: OnnxNode) -> Any:
     x = T(n.inputs[0])
     roi, scales, sizes = n.input(1), n.input(2), n.input(3)
     mode = n.attr("mode", "nearest")
     ctm = n.attr("coordinate_transformation_mode", "half_pixel")
+    if mode == "nearest" and (
+        n.attr("axes") is not None
+        or n.attr("keep_aspect_ratio_policy", "stretch") != "stretch"
+        or not _interpolate_nearest(ctm, n.attr("nearest_mode", "round_prefer_floor"))
+    ):
+        return _resize_nearest(n, x, scales, sizes)
     if (
         n.attr("axes") is not None
         or n.attr("antialias", 0)
@@ -1249,16 +1336,9 @@ def _resize(n: OnnxNode) -> Any:
         factor = sc[2:]
     del roi
     if mode == "nearest":
-        nearest = n.attr("nearest_mode", "round_prefer_floor")
-        if ctm == "asymmetric" and nearest == "floor":
-            return F.interpolate(
-                x, size=size, scale_factor=None if size else factor, mode="nearest"
-            )
-        if ctm in ("half_pixel", "pytorch_half_pixel") and nearest == "round_prefer_ceil":
-            return F.interpolate(
-                x, size=size, scale_factor=None if size else factor, mode="nearest-exact"
-            )
-        raise unsupported(n, f"Resize nearest with {ctm}/{nearest}")
+        # the two forms torch's interpolate computes (dynamic spatial dims stay dynamic)
+        kind = _interpolate_nearest(ctm, n.attr("nearest_mode", "round_prefer_floor"))
+        return F.interpolate(x, size=size, scale_factor=None if size else factor, mode=kind)
     out = size if size is not None else [math.floor(d * f) for d, f in zip(x.shape[2:], factor)]
     if ctm in ("align_corners", "pytorch_half_pixel") and any(o == 1 for o in out):
         raise unsupported(n, f"Resize {ctm} to a size-1 dim (ONNX samples 0, torch does not)")
@@ -1277,6 +1357,15 @@ def _resize(n: OnnxNode) -> Any:
             align_corners=ctm == "align_corners",
         )  # fmt: skip
     raise unsupported(n, f"Resize mode {mode!r} with {ctm}")
+
+
+def _interpolate_nearest(ctm: str, nearest: str) -> str | None:
+    """torch's interpolate mode that computes ONNX nearest with ``ctm``/``nearest``, if any."""
+    if ctm == "asymmetric" and nearest == "floor":
+        return "nearest"
+    if ctm in ("half_pixel", "pytorch_half_pixel") and nearest == "round_prefer_ceil":
+        return "nearest-exact"
+    return None
 
 
 def _heads(x: torch.Tensor, heads: int | None) -> torch.Tensor:
