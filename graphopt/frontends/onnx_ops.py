@@ -16,7 +16,6 @@ import contextlib
 import contextvars
 import math
 import operator
-import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -313,21 +312,10 @@ def _cast(n: OnnxNode) -> Any:
     return _cast_to(n.inputs[0], dtype)
 
 
-_STRUCT_FLOAT = {torch.float64: "d", torch.float32: "f", torch.float16: "e"}
-
-
 def _cast_to(x: Any, dtype: torch.dtype) -> Any:
     if isinstance(x, ShapeVal) and dtype in _INT_DTYPES:
         values = [int(v) if isinstance(v, (bool, float)) else v for v in x.values]  # truncates
         return ShapeVal(values, x.scalar, dtype)
-    if isinstance(x, ShapeVal) and x.scalar and dtype in _STRUCT_FLOAT:
-        # a constant scalar (a Pad value, an epsilon) stays a Python number, rounded to dtype
-        code, v = _STRUCT_FLOAT[dtype], x.values[0]
-        if type(v) in (int, float, bool):
-            try:
-                return ShapeVal([struct.unpack(code, struct.pack(code, float(v)))[0]], True, dtype)
-            except OverflowError:  # out of float16's range: torch's cast gives inf
-                pass
     return T(x).to(dtype)
 
 

@@ -14,6 +14,12 @@ from torch.utils import _pytree as pytree
 from graphopt.errors import InputMismatchError
 
 
+def plain_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Positional tensors only (the common call): the arguments are the flat inputs as they
+    are, with no pytree to walk."""
+    return not kwargs and all(type(a) is torch.Tensor for a in args)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     dtype: str
@@ -71,9 +77,8 @@ class InputSignature:
                 out.append((i, dtype, spec.device, len(spec.shape), static))
         return tuple(out)
 
-    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-        """Raise InputMismatchError unless the call matches; cheap when it does. Returns the
-        call's leaves (``pytree.tree_leaves((args, kwargs))``)."""
+    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise InputMismatchError unless the call matches; cheap when it does."""
         if len(args) != self.n_args:
             raise InputMismatchError(
                 f"compiled model called with {len(args)} positional argument(s), expected "
@@ -84,9 +89,7 @@ class InputSignature:
                 f"compiled model called with keyword arguments {sorted(kwargs)}, expected "
                 f"{list(self.kwarg_names)}"
             )
-        # positional tensors only (the common call): they are the leaves, without pytree
-        plain = not kwargs and all(type(a) is torch.Tensor for a in args)
-        leaves = list(args) if plain else pytree.tree_leaves((args, kwargs))
+        leaves = list(args) if plain_call(args, kwargs) else pytree.tree_leaves((args, kwargs))
         if len(leaves) != len(self.leaves):
             raise InputMismatchError(
                 f"compiled model called with {len(leaves)} input tensors/values in its arguments' "
@@ -119,7 +122,6 @@ class InputSignature:
                     f"size, so it was compiled for {list(expected)}; got {got}. Compile again "
                     "with this value in the example inputs (or make it a constant of the model)"
                 )
-        return leaves
 
     def _mismatch(self, i: int, leaf: Any) -> InputMismatchError:
         spec = self.leaves[i]

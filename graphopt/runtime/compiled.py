@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from graphopt.backends.base import Engine, Handoff, backend_named
 from graphopt.errors import SerializationError, first_line
 from graphopt.frontends.exported import batch_dims, export_program, graph_of
-from graphopt.frontends.signature import InputSignature, TensorSpec
+from graphopt.frontends.signature import InputSignature, TensorSpec, plain_call
 from graphopt.ir.state import StateBinding, StatefulProgram, is_stateful
 from graphopt.ops.fused import executable
 
@@ -68,8 +68,7 @@ class CompiledModule(torch.nn.Module):
         with torch.no_grad():  # compiled models are for inference: weights are folded constants
             if self._state is not None:
                 run = self.engine.run if self.engine is not None else self._exec
-                plain = not kwargs and all(type(a) is torch.Tensor for a in args)
-                return self._state(run, self.gm, args, kwargs, plain)
+                return self._state(run, self.gm, args, kwargs, plain_call(args, kwargs))
             return self._exec(*args, **kwargs)
 
     @property
